@@ -1,0 +1,69 @@
+"""Shared fixtures: where the upstream vectors are, and gates for real-I/O tests.
+
+The vectors are used from ``../shared/vectors/nydus`` beside the project (never
+copied into it); tests that need them skip with the reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
+VECTORS = PROJECT_ROOT.parent / "shared" / "vectors" / "nydus"
+
+settings.register_profile("default", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def _need(path: pathlib.Path) -> pathlib.Path:
+    if not path.exists():
+        pytest.skip(f"upstream test vectors not found at {path} (they live in ../shared beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> pathlib.Path:
+    """``../shared/vectors/nydus``; skips the test when absent."""
+    return _need(VECTORS)
+
+
+@pytest.fixture(scope="session")
+def v5_vector(vectors_dir):
+    """(bootstrap paths, blob dir, expected-tree.result path) of the v5 vectors."""
+    d = vectors_dir / "v5"
+    return {
+        "boots": [d / "sha256-none.boot", d / "blake3-none.boot"],
+        "blob_dir": d / "blobs",
+        "expected": d / "expected-tree.result",
+    }
+
+
+@pytest.fixture(scope="session")
+def v6_vector(vectors_dir):
+    d = vectors_dir / "v6"
+    return {"boot": d / "zstd-blake3-2.2.boot", "blob_dir": d / "blobs"}
+
+
+def fuse_unavailable_reason() -> str | None:
+    """Why real FUSE mounts cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "needs root to mount FUSE (run the suite as root, as CI does)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing on this machine"
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as exc:
+        return f"/dev/fuse cannot be opened: {exc}"
+    os.close(fd)
+    return None
+
+
+requires_fuse = pytest.mark.skipif(fuse_unavailable_reason() is not None,
+                                   reason=fuse_unavailable_reason() or "")
