@@ -67,3 +67,29 @@ def fuse_unavailable_reason() -> str | None:
 
 requires_fuse = pytest.mark.skipif(fuse_unavailable_reason() is not None,
                                    reason=fuse_unavailable_reason() or "")
+
+
+def linked_blob_dir(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    """A fresh directory of symlinks to the blobs in ``src``.
+
+    ``--localfs-dir D`` makes D the cache work dir too, so tests point nydusd at
+    a private directory of links, never at ../shared (which must stay pristine).
+    """
+    dst.mkdir(parents=True, exist_ok=True)
+    for blob in src.iterdir():
+        (dst / blob.name).symlink_to(blob)
+    return dst
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_vectors_stay_pristine():
+    """Fail the run if any test wrote into ../shared/vectors (and remove what it wrote)."""
+    before = {p for p in VECTORS.rglob("*")} if VECTORS.exists() else set()
+    yield
+    if not VECTORS.exists():
+        return
+    added = sorted({p for p in VECTORS.rglob("*")} - before)
+    for p in added:
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+    assert not added, f"tests wrote into the shared vectors: {[str(p) for p in added]}"

@@ -14,6 +14,6 @@ General layout (import only rightwards):
 * ``builder``   ``nydus-image``: directories and tars to RAFS images.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = ["__version__"]

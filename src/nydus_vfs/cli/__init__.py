@@ -1,1 +1,1 @@
-"""(filled in by its owner)."""
+"""Console entry points: ``nydusd`` and ``nydus-image`` (argv, logging, asyncio.run live only here)."""

@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from typing import NamedTuple, Union
 
 from ..errors import FsError
+from ..utils.io import FileSegment  # re-exported: storage produces it, transports consume it
 
 __all__ = [
     "ROOT_ID",
@@ -141,21 +142,6 @@ class StatFs(NamedTuple):
     bsize: int = 4096
     namelen: int = 255
     frsize: int = 4096
-
-
-class FileSegment(NamedTuple):
-    """``length`` bytes at ``offset`` of the open file ``fd``.
-
-    A READ reply made of file segments lets the transport move data from the
-    cache file straight into its destination (guest memory for virtio-fs) with
-    ``preadv``, with no intermediate copy in Python.  The filesystem guarantees
-    the range lies inside the file (cache files are sized to the blob's
-    uncompressed size), so a short read is an I/O error, not EOF.
-    """
-
-    fd: int
-    offset: int
-    length: int
 
 
 #: What ``Operations.read`` returns: bytes, or a list of bytes / file segments

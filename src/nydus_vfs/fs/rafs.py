@@ -1,0 +1,248 @@
+"""One RAFS image (v5 or v6) as a read-only filesystem over a blob device.
+
+``RafsFs`` answers in *local* inode numbers (v5: the inode index, v6: the nid).
+It is not handed to the FUSE server directly: the :class:`~nydus_vfs.fs.vfs.Vfs`
+mounts it at a pseudo path and translates nodeids, so the FUSE root (nodeid 1)
+and inode numbers of several images never collide.
+
+Strategy: metadata comes from the sans-IO :class:`~nydus_vfs.format.Bootstrap`
+(the bytes of the bootstrap, usually an mmap) and is memoised per inode the first
+time it is needed (``Attr`` objects, chunk lists), because the FUSE hot path asks
+for the same few inodes over and over.  File data is described as a list of
+``(ChunkInfo, offset_in_chunk, length)`` and handed to the storage layer's
+``BlobDevice``, which answers with bytes or file segments of its cache file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from ..errors import FormatError, FsError, StorageError
+from ..format import Bootstrap
+from ..format.types import ChunkInfo
+from ..fuse.ops import Attr, Context, ReadData, StatFs
+
+__all__ = ["RafsFs"]
+
+log = logging.getLogger("nydus_vfs.fs")
+
+_CHUNK_CACHE_MAX = 4096
+
+
+class RafsFs:
+    """A RAFS instance: the bootstrap and the blob device that serves its chunks.
+
+    ``enable_xattr`` follows the upstream config key: when False, GETXATTR and
+    LISTXATTR answer ENOSYS (the kernel then stops asking), as nydusd does.
+    The instance owns ``device`` and closes it in :meth:`close`.
+    """
+
+    def __init__(self, bootstrap: Bootstrap, device, *, enable_xattr: bool = False,
+                 source: str = "") -> None:
+        self.bootstrap = bootstrap
+        self.device = device
+        self.enable_xattr = enable_xattr
+        self.source = source
+        self.root_ino: int = bootstrap.root_ino
+        self.chunk_size: int = bootstrap.chunk_size
+        # Without EXPLICIT_UID_GID the stored ids are meaningless: report our own.
+        self._override_ids = None if bootstrap.explicit_uid_gid else (os.geteuid(), os.getegid())
+        self._attrs: dict[int, Attr] = {}
+        self._chunks: OrderedDict[int, tuple[list[int], list[ChunkInfo]]] = OrderedDict()
+
+    # -- construction helpers ----------------------------------------------------
+    @classmethod
+    def from_paths(cls, bootstrap_path: str, blob_dir: str, *, cache_dir: str | None = None,
+                   digest_validate: bool = False, enable_xattr: bool = True, layer=None) -> "RafsFs":
+        """Open ``bootstrap_path`` with a localfs backend on ``blob_dir`` (tests, benchmarks)."""
+        from ..storage import BlobLayer, CacheSpec, LocalfsBackend
+
+        bootstrap = load_bootstrap(bootstrap_path)
+        layer = layer or BlobLayer()
+        backend = LocalfsBackend(dir=blob_dir)
+        cache = CacheSpec(kind="blobcache" if cache_dir else "", work_dir=cache_dir, validate=False)
+        device = layer.open_device(bootstrap.blobs, backend, cache, digest_validate=digest_validate)
+        return cls(bootstrap, device, enable_xattr=enable_xattr, source=bootstrap_path)
+
+    def close(self) -> None:
+        """Release the blob device (and with the last user, its cache state)."""
+        device, self.device = self.device, None
+        if device is not None:
+            device.close()
+
+    # -- metadata -------------------------------------------------------------------
+    def attr(self, ino: int) -> Attr:
+        """Attributes of local inode ``ino`` (memoised); FsError(ENOENT/EIO) when invalid."""
+        a = self._attrs.get(ino)
+        if a is None:
+            a = self._make_attr(ino)
+            self._attrs[ino] = a
+        return a
+
+    def _inode(self, ino: int):
+        try:
+            return self.bootstrap.inode(ino)
+        except FormatError as exc:
+            log.error("%s: inode %d is corrupt: %s", self.source, ino, exc)
+            raise FsError(errno.EIO) from None
+        except (KeyError, LookupError):
+            raise FsError(errno.ENOENT) from None
+
+    def _make_attr(self, ino: int) -> Attr:
+        node = self._inode(ino)
+        uid, gid = self._override_ids or (node.uid, node.gid)
+        mode = node.mode
+        rdev = node.rdev if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 0
+        blocks = getattr(node, "blocks", 0) or (node.size + 511) // 512
+        return Attr(ino, mode, size=node.size, blocks=blocks, nlink=node.nlink, uid=uid, gid=gid,
+                    rdev=rdev, mtime=node.mtime, mtimensec=node.mtime_nsec)
+
+    def lookup(self, parent: int, name: bytes) -> int:
+        """Local inode of ``name`` in directory ``parent``; FsError(ENOENT/ENOTDIR)."""
+        if not stat.S_ISDIR(self.attr(parent).mode):
+            raise FsError(errno.ENOTDIR)
+        try:
+            ino = self.bootstrap.lookup(parent, name)
+        except FormatError as exc:
+            log.error("%s: directory %d is corrupt: %s", self.source, parent, exc)
+            raise FsError(errno.EIO) from None
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return ino
+
+    def readlink(self, ino: int) -> bytes:
+        if not stat.S_ISLNK(self.attr(ino).mode):
+            raise FsError(errno.EINVAL)
+        try:
+            return self.bootstrap.readlink(ino)
+        except FormatError as exc:
+            log.error("%s: symlink %d is corrupt: %s", self.source, ino, exc)
+            raise FsError(errno.EIO) from None
+
+    def children(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int, int]]:
+        """``(next_cookie, name, ino, dtype)`` from cookie ``start``; includes "." and ".."."""
+        if not stat.S_ISDIR(self.attr(ino).mode):
+            raise FsError(errno.ENOTDIR)
+        try:
+            yield from self.bootstrap.children(ino, start)
+        except FormatError as exc:
+            log.error("%s: directory %d is corrupt: %s", self.source, ino, exc)
+            raise FsError(errno.EIO) from None
+
+    def xattrs(self, ino: int) -> dict[bytes, bytes]:
+        if not self.enable_xattr:
+            raise FsError(errno.ENOSYS)
+        self.attr(ino)
+        try:
+            return self.bootstrap.xattrs(ino)
+        except FormatError as exc:
+            log.error("%s: xattrs of inode %d are corrupt: %s", self.source, ino, exc)
+            raise FsError(errno.EIO) from None
+
+    def statfs(self) -> StatFs:
+        b = self.bootstrap
+        blocks = sum(blob.uncompressed_size for blob in b.blobs) // 4096
+        files = b.inodes_count
+        return StatFs(blocks=blocks, bfree=0, bavail=0, files=files, ffree=0, bsize=4096,
+                      namelen=255, frsize=4096)
+
+    # -- data -------------------------------------------------------------------------
+    def _chunk_index(self, ino: int) -> tuple[list[int], list[ChunkInfo]]:
+        entry = self._chunks.get(ino)
+        if entry is not None:
+            self._chunks.move_to_end(ino)
+            return entry
+        try:
+            chunks = sorted(self.bootstrap.chunks(ino), key=lambda c: c.file_offset)
+        except FormatError as exc:
+            log.error("%s: chunk table of inode %d is corrupt: %s", self.source, ino, exc)
+            raise FsError(errno.EIO) from None
+        entry = ([c.file_offset for c in chunks], chunks)
+        self._chunks[ino] = entry
+        if len(self._chunks) > _CHUNK_CACHE_MAX:
+            self._chunks.popitem(last=False)
+        return entry
+
+    def plan_read(self, ino: int, offset: int, size: int) -> list[tuple[ChunkInfo, int, int]]:
+        """The chunk I/O list for ``size`` bytes at ``offset`` of regular file ``ino``.
+
+        Clipped at end of file; an empty list means EOF.  Gaps between chunks (a
+        corrupt image) are an error, never silently zero-filled.
+        """
+        a = self.attr(ino)
+        if not stat.S_ISREG(a.mode):
+            raise FsError(errno.EISDIR if stat.S_ISDIR(a.mode) else errno.EINVAL)
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        end = min(a.size, offset + size)
+        if offset >= end:
+            return []
+        starts, chunks = self._chunk_index(ino)
+        i = bisect.bisect_right(starts, offset) - 1
+        iovec: list[tuple[ChunkInfo, int, int]] = []
+        pos = offset
+        while pos < end:
+            if i < 0 or i >= len(chunks):
+                log.error("%s: inode %d has no chunk covering offset %d", self.source, ino, pos)
+                raise FsError(errno.EIO)
+            c = chunks[i]
+            in_chunk = pos - c.file_offset
+            if in_chunk < 0 or in_chunk >= c.uncompressed_size:
+                log.error("%s: inode %d chunk %d does not cover offset %d", self.source, ino, i, pos)
+                raise FsError(errno.EIO)
+            n = min(c.uncompressed_size - in_chunk, end - pos)
+            iovec.append((c, in_chunk, n))
+            pos += n
+            i += 1
+        return iovec
+
+    async def read(self, ino: int, offset: int, size: int) -> ReadData:
+        iovec = self.plan_read(ino, offset, size)
+        if not iovec:
+            return b""
+        try:
+            return await self.device.read(iovec)
+        except StorageError as exc:
+            log.error("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
+            raise FsError(errno.EIO) from None
+        except OSError as exc:
+            log.error("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
+            raise FsError(errno.EIO) from None
+
+    # -- permission check for ACCESS (only sent without default_permissions) ----------
+    def access(self, ino: int, mask: int, ctx: Context) -> None:
+        a = self.attr(ino)
+        if mask == os.F_OK:
+            return
+        if mask & os.W_OK:
+            raise FsError(errno.EROFS)
+        if ctx.uid == 0:
+            if mask & os.X_OK and not (a.mode & 0o111) and not stat.S_ISDIR(a.mode):
+                raise FsError(errno.EACCES)
+            return
+        if ctx.uid == a.uid:
+            bits = (a.mode >> 6) & 7
+        elif ctx.gid == a.gid:
+            bits = (a.mode >> 3) & 7
+        else:
+            bits = a.mode & 7
+        if mask & ~bits & 7:
+            raise FsError(errno.EACCES)
+
+
+def load_bootstrap(path: str) -> Bootstrap:
+    """Read and parse a bootstrap file; FormatError names what is wrong with it.
+
+    The file is read into memory: bootstraps are metadata only (megabytes), and a
+    private copy cannot change under us the way an mmap of a replaced file can.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    return Bootstrap.from_bytes(data)
+

@@ -1,0 +1,513 @@
+"""The chunk data path: from ``(ChunkInfo, offset, length)`` to bytes or file segments.
+
+Shape (like nydusd's ``BlobDevice`` over per-blob caches):
+
+* One :class:`BlobLayer` per daemon.  It owns per-blob state keyed by
+  ``(backend identity, cache work dir, blob id)``, so every mount of images
+  that share a blob, configured alike, shares one cache file, one in-memory
+  LRU slice and one in-flight fetch per chunk: each chunk comes from the
+  backend once.
+* One :class:`BlobDevice` per RAFS instance (:meth:`BlobLayer.open_device`).
+  It maps ``ChunkInfo.blob_index`` to the image's blob table, holds the mount's
+  backend and validation settings, and releases its blob states on
+  :meth:`BlobDevice.close` (the state goes with its last user).
+
+Per chunk, a miss runs the decode pipeline once (single flight): read
+``compressed_size`` bytes at ``compressed_offset`` -> (decrypt: not supported
+yet) -> decompress with the *blob's* compressor if the chunk is compressed ->
+check the size -> if validating, check CRC-32C when the chunk has one, else the
+digest under the blob's digester -> store (file cache or LRU) -> serve.  Bad
+data raises :class:`~nydus_vfs.errors.ChunkCorruptError` (and is logged) and is
+never stored.
+
+Hot path: a warm file-cache read returns :class:`FileSegment` objects after a
+few dict/list lookups and a bit test, without any ``await`` that suspends, so
+the FUSE server can complete it without scheduling.  With a local backend
+(``supports_sync``) even a cold read completes without suspending.
+
+Holes: a ``ChunkInfo`` with ``blob_index == -1`` (the v6 hole convention:
+no blob, ``uncompressed_size`` = bytes of the file it covers) reads as zeros.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ChunkCorruptError, ConfigError, StorageError
+from ..format.types import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Cipher
+from ..utils.compress import decompress
+from ..utils.digest import crc32c, digest_bytes
+from ..utils.io import FileSegment
+from ._singleflight import SingleFlight
+from .backend.base import BlobBackend
+from .cache import BlobCacheFile, CacheSpec, ChunkLRU
+
+__all__ = [
+    "MAX_CHUNK_SIZE",
+    "HOLE_BLOB_INDEX",
+    "IoVec",
+    "BlobLayer",
+    "BlobDevice",
+    "BlobCacheMetrics",
+    "check_chunk",
+    "decode_chunk",
+    "verify_chunk",
+]
+
+log = logging.getLogger("nydus_vfs.storage")
+
+#: Largest chunk RAFS allows (reference §0.6).
+MAX_CHUNK_SIZE = 16 << 20
+#: ``ChunkInfo.blob_index`` of a hole: no blob, reads as zeros.
+HOLE_BLOB_INDEX = -1
+# A chunk's uncompressed end must stay below this (v6 blob limit 2^44, §2.5).
+_MAX_UNCOMPRESSED_END = 1 << 44
+# Headroom over MAX_CHUNK_SIZE for compressed sizes (incompressible data is
+# stored raw, so this only matters for hostile metadata).
+_MAX_COMPRESSED_SIZE = MAX_CHUNK_SIZE + 4096
+_UNSUPPORTED_FLAGS = ChunkFlags.ENCRYPTED | ChunkFlags.BATCH
+_ZERO_DIGEST = bytes(32)
+_DEFAULT_LRU_BYTES = 64 << 20
+
+#: One element of a read request: the chunk, the offset inside its
+#: uncompressed data, and how many bytes from there.
+IoVec = tuple[ChunkInfo, int, int]
+
+
+# -- the per-chunk pipeline (pure functions over bytes) ---------------------------
+
+def _where(blob: BlobInfo, chunk: ChunkInfo) -> str:
+    return (f"blob {blob.blob_id} chunk {chunk.index} (compressed {chunk.compressed_offset:#x}"
+            f"+{chunk.compressed_size}, uncompressed {chunk.uncompressed_offset:#x}+{chunk.uncompressed_size})")
+
+
+def check_chunk(blob: BlobInfo, chunk: ChunkInfo) -> None:
+    """Refuse a chunk record this layer cannot or must not serve, before any I/O.
+
+    Raises ``StorageError`` naming the blob, chunk and field: sizes outside
+    RAFS limits (so hostile metadata cannot make us allocate gigabytes),
+    uncompressed chunks whose two sizes differ, and features not supported yet
+    (encryption, batch chunks, ZRAN blobs).
+    """
+    usize = chunk.uncompressed_size
+    csize = chunk.compressed_size
+    if chunk.flags & _UNSUPPORTED_FLAGS or blob.cipher != Cipher.NONE or blob.features & BlobFeatures.ZRAN:
+        what = ("encrypted" if chunk.flags & ChunkFlags.ENCRYPTED or blob.cipher != Cipher.NONE
+                else "batch" if chunk.flags & ChunkFlags.BATCH else "ZRAN (gzip random access)")
+        raise StorageError(f"{_where(blob, chunk)}: {what} chunks are not supported yet")
+    if not 0 < usize <= MAX_CHUNK_SIZE:
+        raise StorageError(f"{_where(blob, chunk)}: uncompressed_size {usize} outside 1..{MAX_CHUNK_SIZE}")
+    if not 0 < csize <= _MAX_COMPRESSED_SIZE:
+        raise StorageError(f"{_where(blob, chunk)}: compressed_size {csize} outside 1..{_MAX_COMPRESSED_SIZE}")
+    if not chunk.flags & ChunkFlags.COMPRESSED and csize != usize:
+        raise StorageError(f"{_where(blob, chunk)}: uncompressed chunk with compressed_size {csize} "
+                           f"!= uncompressed_size {usize}")
+    if chunk.compressed_offset < 0 or chunk.uncompressed_offset < 0 \
+            or chunk.uncompressed_offset + usize > _MAX_UNCOMPRESSED_END:
+        raise StorageError(f"{_where(blob, chunk)}: offsets out of range")
+
+
+def _corrupt(blob: BlobInfo, chunk: ChunkInfo, what: str, expected: str | None = None,
+             actual: str | None = None) -> ChunkCorruptError:
+    msg = f"{_where(blob, chunk)}: {what}"
+    if expected is not None:
+        msg += f": expected {expected}, got {actual}"
+    err = ChunkCorruptError(msg)
+    err.blob_id = blob.blob_id
+    err.chunk_index = chunk.index
+    err.expected = expected
+    err.actual = actual
+    log.error("corrupt chunk data: %s", msg)
+    return err
+
+
+def verify_chunk(data: bytes, blob: BlobInfo, chunk: ChunkInfo) -> None:
+    """Check decoded ``data`` against the chunk's CRC-32C (preferred, as nydusd) or digest.
+
+    A chunk without a CRC and with an empty or all-zero digest (tarfs,
+    external blobs) has nothing to check against and passes.  Raises (and
+    logs) ``ChunkCorruptError`` with both values in hex.
+    """
+    if chunk.flags & ChunkFlags.HAS_CRC32:
+        actual_crc = crc32c(data)
+        if actual_crc != chunk.crc32:
+            raise _corrupt(blob, chunk, "CRC-32C mismatch", f"{chunk.crc32:08x}", f"{actual_crc:08x}")
+        return
+    expected = chunk.digest
+    if not expected or expected == _ZERO_DIGEST:
+        return
+    actual = digest_bytes(blob.digester, data)
+    if actual != expected:
+        raise _corrupt(blob, chunk, f"{blob.digester.cli_name} digest mismatch", expected.hex(), actual.hex())
+
+
+def decode_chunk(raw: bytes, blob: BlobInfo, chunk: ChunkInfo, validate: bool) -> bytes:
+    """Turn the stored bytes of a checked chunk into its uncompressed data.
+
+    ``raw`` is what the backend returned for ``compressed_size`` bytes at
+    ``compressed_offset``; :func:`check_chunk` must have accepted the chunk.
+    Raises (and logs) ``ChunkCorruptError``.
+    """
+    if chunk.flags & ChunkFlags.COMPRESSED:
+        try:
+            data = decompress(raw, blob.compressor, chunk.uncompressed_size)
+        except ChunkCorruptError as exc:
+            raise _corrupt(blob, chunk, f"cannot decompress ({exc})") from None
+    else:
+        data = raw
+        if len(data) != chunk.uncompressed_size:
+            raise _corrupt(blob, chunk, "size mismatch", str(chunk.uncompressed_size), str(len(data)))
+    if validate:
+        verify_chunk(data, blob, chunk)
+    return data
+
+
+# -- shared per-blob state --------------------------------------------------------
+
+class _BlobState:
+    """Everything shared by the devices that use one blob through one backend and cache."""
+
+    __slots__ = ("key", "blob_id", "users", "flights", "cache", "verified")
+
+    def __init__(self, key: Hashable, blob_id: str, cache: BlobCacheFile | None) -> None:
+        self.key = key
+        self.blob_id = blob_id
+        self.users = 0
+        self.flights: SingleFlight[tuple[bytes, bool]] = SingleFlight()
+        self.cache = cache
+        # Uncompressed offsets of cached chunks checked against their digest in
+        # this process: a validating device serves them zero-copy afterwards.
+        self.verified: set[int] = set()
+
+
+@dataclass(slots=True)
+class BlobCacheMetrics:
+    """Per-device counters, named as nydusd's ``/api/v1/metrics/blobcache``.
+
+    ``total`` counts reads, ``whole_hits`` reads served entirely without a
+    fetch, ``partial_hits`` chunk pieces served from the cache.
+    """
+
+    store_path: str = ""
+    underlying_files: list[str] = field(default_factory=list)
+    total: int = 0
+    whole_hits: int = 0
+    partial_hits: int = 0
+
+
+class BlobLayer:
+    """The daemon-wide owner of blob cache state; see the module docstring.
+
+    ``memory_cache_bytes`` bounds the LRU of decoded chunks used by devices
+    without a file cache.
+    """
+
+    def __init__(self, *, memory_cache_bytes: int = _DEFAULT_LRU_BYTES) -> None:
+        self._states: dict[Hashable, _BlobState] = {}
+        # One open cache file per (work dir, blob id) in this process, whatever
+        # the backend: two chunk maps over one file would fight over its size.
+        self._files: dict[tuple[str, str], list] = {}
+        self._lru = ChunkLRU(memory_cache_bytes)
+
+    def __len__(self) -> int:
+        """Number of blob states alive (each shared by one or more devices)."""
+        return len(self._states)
+
+    def open_device(self, blobs: Sequence[BlobInfo], backend: BlobBackend, cache: CacheSpec,
+                    digest_validate: bool = False) -> "BlobDevice":
+        """A device serving the chunks of an image whose blob table is ``blobs``.
+
+        ``blobs[i].index`` must be ``i`` (chunks name their blob by that index).
+        Creates the cache work dir if needed.  Raises ``StorageError`` when the
+        cache files cannot be set up, ``ConfigError`` for an unusable work dir;
+        nothing stays acquired on failure.
+        """
+        work_dir = None
+        if cache.persistent and cache.work_dir:  # CacheSpec guarantees a work_dir for these
+            work_dir = _prepare_work_dir(cache.work_dir)
+        states: list[_BlobState] = []
+        try:
+            for position, blob in enumerate(blobs):
+                if blob.index != position:
+                    raise StorageError(f"blob table entry {position} ({blob.blob_id}) says index {blob.index}")
+                states.append(self._acquire(backend, work_dir, blob))
+        except BaseException:
+            for state in states:
+                self._release(state)
+            raise
+        return BlobDevice(self, list(blobs), states, backend, cache, digest_validate)
+
+    def _acquire(self, backend: BlobBackend, work_dir: str | None, blob: BlobInfo) -> _BlobState:
+        if work_dir is not None:
+            entry = self._files.get((work_dir, blob.blob_id))
+            reason = entry[0].incompatible(blob) if entry is not None else None
+            if reason is not None:
+                log.warning("blob %s: this image reads it without the file cache in %s: %s",
+                            blob.blob_id, work_dir, reason)
+                work_dir = None
+        key = (backend.identity, work_dir, blob.blob_id)
+        state = self._states.get(key)
+        if state is None:
+            cache_file = self._open_file(work_dir, blob) if work_dir is not None else None
+            state = _BlobState(key, blob.blob_id, cache_file)
+            self._states[key] = state
+        elif state.cache is not None:
+            # Another image may know the blob's size when the first did not (v5).
+            state.cache.grow(blob.uncompressed_size)
+        state.users += 1
+        return state
+
+    def _open_file(self, work_dir: str, blob: BlobInfo) -> BlobCacheFile:
+        entry = self._files.get((work_dir, blob.blob_id))
+        if entry is None:
+            entry = self._files[(work_dir, blob.blob_id)] = [BlobCacheFile(work_dir, blob), 0]
+        else:
+            entry[0].grow(blob.uncompressed_size)
+        entry[1] += 1
+        return entry[0]
+
+    def _release(self, state: _BlobState) -> None:
+        state.users -= 1
+        if state.users > 0:
+            return
+        if self._states.get(state.key) is state:
+            del self._states[state.key]
+        cache = state.cache
+        if cache is not None:
+            file_key = (state.key[1], state.blob_id)
+            entry = self._files.get(file_key)
+            if entry is not None and entry[0] is cache:
+                entry[1] -= 1
+                if entry[1] > 0:
+                    cache = None
+                else:
+                    del self._files[file_key]
+            if cache is not None:
+                cache.close()
+        self._lru.discard_prefix(state.key)
+
+    def close(self) -> None:
+        """Drop every blob state (daemon shutdown); devices still open stop working."""
+        states, self._states = self._states, {}
+        self._files = {}
+        for state in states.values():
+            state.users = 0
+            if state.cache is not None:
+                state.cache.close()
+        self._lru = ChunkLRU(self._lru.max_bytes)
+
+
+def _prepare_work_dir(work_dir: str) -> str:
+    try:
+        os.makedirs(work_dir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cache work_dir {work_dir}: {exc.strerror}") from None
+    if not os.path.isdir(work_dir):
+        raise ConfigError(f"cache work_dir {work_dir}: not a directory")
+    return os.path.realpath(work_dir)
+
+
+class BlobDevice:
+    """Chunk reads for one RAFS instance; made by :meth:`BlobLayer.open_device`.
+
+    ``digest_validate`` checks every chunk fetched from the backend (and every
+    cached chunk once per process) against its CRC/digest before serving it.
+    """
+
+    def __init__(self, layer: BlobLayer, blobs: list[BlobInfo], states: list[_BlobState],
+                 backend: BlobBackend, cache: CacheSpec, digest_validate: bool) -> None:
+        self._layer = layer
+        self.blobs = blobs
+        self._states = states
+        self.backend = backend
+        self.cache = cache
+        self.digest_validate = digest_validate
+        self._check_hits = cache.validate
+        # Whatever goes into a validating cache must have been checked too.
+        self._validate_fetch = digest_validate or cache.validate
+        self._closed = False
+        self.metrics = BlobCacheMetrics(
+            store_path=os.path.realpath(cache.work_dir) if cache.persistent and cache.work_dir else "",
+            underlying_files=[s.cache.data_path for s in states if s.cache is not None],
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release this device's blob states; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for state in self._states:
+            self._layer._release(state)
+        self._states = []
+
+    # -- reading ------------------------------------------------------------------------
+    async def read(self, iovec: Iterable[IoVec]) -> list[bytes | FileSegment]:
+        """The bytes of every ``(chunk, offset, length)`` in order, as bytes and file segments.
+
+        The concatenation of the result is exactly the requested data.
+        Adjacent segments of one file are merged.  Raises ``StorageError``
+        (bad chunk record, unsupported feature, closed device),
+        ``BackendError`` or ``ChunkCorruptError``; ``ValueError`` for a range
+        outside its chunk (a caller bug).
+        """
+        if self._closed:
+            raise StorageError("blob device is closed")
+        out: list[bytes | FileSegment] = []
+        whole_hit = True
+        states = self._states
+        for chunk, offset, length in iovec:
+            if length <= 0:
+                if length == 0:
+                    continue
+                raise ValueError(f"negative read length {length}")
+            if offset < 0 or offset + length > chunk.uncompressed_size:
+                raise ValueError(f"range [{offset}, +{length}) is outside a chunk of "
+                                 f"{chunk.uncompressed_size} bytes")
+            index = chunk.blob_index
+            if index == HOLE_BLOB_INDEX:
+                piece: bytes | FileSegment = bytes(length)
+            else:
+                if not 0 <= index < len(states):
+                    raise StorageError(f"chunk {chunk.index} names blob index {index}, "
+                                       f"but the image has {len(states)} blobs")
+                piece = self._hit(index, chunk, offset, length)
+                if piece is None:
+                    whole_hit = False
+                    piece = await self._miss(index, chunk, offset, length)
+                else:
+                    self.metrics.partial_hits += 1
+            if out and type(piece) is FileSegment:
+                last = out[-1]
+                if type(last) is FileSegment and last.fd == piece.fd and last.offset + last.length == piece.offset:
+                    out[-1] = FileSegment(last.fd, last.offset, last.length + piece.length)
+                    continue
+            out.append(piece)
+        self.metrics.total += 1
+        if whole_hit:
+            self.metrics.whole_hits += 1
+        return out
+
+    async def prefetch(self, chunks: Iterable[ChunkInfo]) -> int:
+        """Make sure ``chunks`` are cached (file cache or LRU); returns how many were fetched."""
+        if self._closed:
+            raise StorageError("blob device is closed")
+        fetched = 0
+        for chunk in chunks:
+            index = chunk.blob_index
+            if index == HOLE_BLOB_INDEX:
+                continue
+            if not 0 <= index < len(self._states):
+                raise StorageError(f"chunk {chunk.index} names blob index {index}, "
+                                   f"but the image has {len(self._states)} blobs")
+            check_chunk(self.blobs[index], chunk)
+            if self._hit(index, chunk, 0, chunk.uncompressed_size) is None:
+                await self._fetch(index, chunk)
+                fetched += 1
+        return fetched
+
+    def _hit(self, index: int, chunk: ChunkInfo, offset: int, length: int) -> bytes | FileSegment | None:
+        """The range from the cache without any I/O wait, or None on a miss."""
+        state = self._states[index]
+        cache = state.cache
+        if cache is not None:
+            segment = cache.lookup(chunk, offset, length)
+            if segment is None:
+                return None
+            if not self._check_hits and not (self.digest_validate
+                                             and chunk.uncompressed_offset not in state.verified):
+                return segment
+            return self._checked_hit(index, chunk, offset, length, segment)
+        entry = self._layer._lru.get((state.key, chunk.uncompressed_offset, chunk.uncompressed_size))
+        if entry is None:
+            return None
+        data, validated = entry
+        if self._validate_fetch and not validated:
+            key = (state.key, chunk.uncompressed_offset, chunk.uncompressed_size)
+            try:
+                verify_chunk(data, self.blobs[index], chunk)
+            except ChunkCorruptError:
+                self._layer._lru.discard(key)
+                return None
+            self._layer._lru.put(key, data, True)
+        return data if offset == 0 and length == len(data) else data[offset:offset + length]
+
+    def _checked_hit(self, index: int, chunk: ChunkInfo, offset: int, length: int,
+                     segment: FileSegment) -> bytes | FileSegment | None:
+        state = self._states[index]
+        blob = self.blobs[index]
+        cache = state.cache
+        assert cache is not None
+        check_chunk(blob, chunk)  # bounds the read below
+        data = cache.read_chunk(chunk)
+        try:
+            if len(data) != chunk.uncompressed_size:
+                raise _corrupt(blob, chunk, "cached chunk is short", str(chunk.uncompressed_size), str(len(data)))
+            verify_chunk(data, blob, chunk)
+        except ChunkCorruptError:
+            log.warning("cached copy of chunk %d of blob %s in %s is bad; fetching it again",
+                        chunk.index, blob.blob_id, cache.data_path)
+            cache.invalidate(chunk)
+            state.verified.discard(chunk.uncompressed_offset)
+            return None
+        state.verified.add(chunk.uncompressed_offset)
+        if self._check_hits:
+            # Serve the bytes just checked: a segment would read the file again.
+            return data if offset == 0 and length == len(data) else data[offset:offset + length]
+        return segment
+
+    async def _miss(self, index: int, chunk: ChunkInfo, offset: int, length: int) -> bytes | FileSegment:
+        blob = self.blobs[index]
+        check_chunk(blob, chunk)
+        state = self._states[index]
+        if state.cache is None and not self._validate_fetch and not chunk.flags & ChunkFlags.COMPRESSED:
+            # Stored raw in a local file: serve straight from the blob, no copy.
+            segment = self.backend.file_segment(blob.blob_id, chunk.compressed_offset + offset, length)
+            if segment is not None:
+                return segment
+        data = await self._fetch(index, chunk)
+        return data if offset == 0 and length == len(data) else data[offset:offset + length]
+
+    async def _fetch(self, index: int, chunk: ChunkInfo) -> bytes:
+        """The decoded bytes of a checked chunk, fetched at most once at a time per blob state."""
+        blob = self.blobs[index]
+        state = self._states[index]
+        data, validated = await state.flights.run(chunk.uncompressed_offset,
+                                                  lambda: self._fetch_and_store(index, chunk))
+        if self._validate_fetch and not validated:
+            # The leader was a device that does not validate; check its result for us.
+            try:
+                verify_chunk(data, blob, chunk)
+            except ChunkCorruptError:
+                if state.cache is not None:
+                    state.cache.invalidate(chunk)
+                raise
+        return data
+
+    async def _fetch_and_store(self, index: int, chunk: ChunkInfo) -> tuple[bytes, bool]:
+        blob = self.blobs[index]
+        state = self._states[index]
+        backend = self.backend
+        if backend.supports_sync:
+            raw = backend.read_sync(blob.blob_id, chunk.compressed_offset, chunk.compressed_size)
+        else:
+            raw = await backend.read(blob.blob_id, chunk.compressed_offset, chunk.compressed_size)
+        validated = self._validate_fetch
+        data = decode_chunk(raw, blob, chunk, validated)
+        if state.cache is not None:
+            if state.cache.store(chunk, data) and validated:
+                state.verified.add(chunk.uncompressed_offset)
+        else:
+            self._layer._lru.put((state.key, chunk.uncompressed_offset, chunk.uncompressed_size), data, validated)
+        return data, validated
+
+    def __repr__(self) -> str:
+        kind = self.cache.kind or "nocache"
+        return f"<BlobDevice {len(self.blobs)} blobs {kind} via {self.backend!r}{' closed' if self._closed else ''}>"
+
