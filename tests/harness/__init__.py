@@ -1,0 +1,102 @@
+"""A VM-less vhost-user-fs front-end for testing and benchmarking back-ends.
+
+* ``vhost_frontend``  QEMU 7.2's vhost-user control plane, a Linux 6.1 driver's
+  split rings in memfd guest RAM, and FUSE over them (API at the top of that module).
+* ``fuse_wire``       FUSE requests segmented like Linux 6.1 and reply decoders (sans-IO).
+* ``backends``        launch C virtiofsd, our ``nydusd virtiofs`` or any listening command.
+* ``errors``          one root, ``HarnessError``; ``BackendProtocolError`` is what tests assert on.
+"""
+
+from . import fuse_wire
+from .backends import (
+    VIRTIOFSD,
+    BackendProcess,
+    nydusd_command,
+    start_nydusd_virtiofs,
+    start_virtiofsd,
+    virtiofsd_unavailable_reason,
+)
+from .errors import (
+    BackendClosed,
+    BackendExited,
+    BackendProtocolError,
+    FuseErrorReply,
+    GuestMemoryFull,
+    HarnessError,
+    HarnessTimeout,
+    HarnessUsageError,
+    NegotiationError,
+    QueueFull,
+)
+from .vhost_frontend import (
+    LINUX_DRIVER_FEATURES,
+    QEMU72_PROTOCOL_FEATURES,
+    REPLY_FLAGS,
+    VHOST_FS_DEVICE_FEATURES,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    Buf,
+    Completion,
+    DriverQueue,
+    Feature,
+    Frontend,
+    FuseReply,
+    FuseSession,
+    GuestMemory,
+    MemRegion,
+    Pending,
+    ProtocolFeature,
+    RawRing,
+    TranscriptEntry,
+    VhostUserRequest,
+    load_proxy_transcript,
+    vring_need_event,
+)
+
+__all__ = [
+    "fuse_wire",
+    "VIRTIOFSD",
+    "BackendProcess",
+    "nydusd_command",
+    "start_nydusd_virtiofs",
+    "start_virtiofsd",
+    "virtiofsd_unavailable_reason",
+    "BackendClosed",
+    "BackendExited",
+    "BackendProtocolError",
+    "FuseErrorReply",
+    "GuestMemoryFull",
+    "HarnessError",
+    "HarnessTimeout",
+    "HarnessUsageError",
+    "NegotiationError",
+    "QueueFull",
+    "LINUX_DRIVER_FEATURES",
+    "QEMU72_PROTOCOL_FEATURES",
+    "REPLY_FLAGS",
+    "VHOST_FS_DEVICE_FEATURES",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_DESC_F_INDIRECT",
+    "VRING_DESC_F_NEXT",
+    "VRING_DESC_F_WRITE",
+    "VRING_USED_F_NO_NOTIFY",
+    "Buf",
+    "Completion",
+    "DriverQueue",
+    "Feature",
+    "Frontend",
+    "FuseReply",
+    "FuseSession",
+    "GuestMemory",
+    "MemRegion",
+    "Pending",
+    "ProtocolFeature",
+    "RawRing",
+    "TranscriptEntry",
+    "VhostUserRequest",
+    "load_proxy_transcript",
+    "vring_need_event",
+]
