@@ -216,7 +216,13 @@ def build_image(tree: pathlib.Path, work: pathlib.Path, fs_version: int) -> tupl
     boot = VECTORS / "v5" / "sha256-none.boot"
     if not boot.exists():
         raise Unavailable(f"{why}, and the v5 vector is missing at {boot}")
-    return boot, VECTORS / "v5" / "blobs", f"v5 vector sha256-none.boot ({why})"
+    # --localfs-dir is also the cache work dir: serve links, never write into ../shared.
+    links = work / "vector-blobs"
+    links.mkdir(exist_ok=True)
+    for blob in (VECTORS / "v5" / "blobs").iterdir():
+        if not (links / blob.name).exists():
+            (links / blob.name).symlink_to(blob)
+    return boot, links, f"v5 vector sha256-none.boot ({why})"
 
 
 # ------------------------------------------------------------------ running workloads

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from ..errors import FormatError, FsError, StorageError
-from ..format import Bootstrap
+from ..format import Bootstrap, NoSuchInodeError, blob_id_from_meta_path
 from ..format.types import ChunkInfo
 from ..fuse.ops import Attr, Context, ReadData, StatFs
 
@@ -88,6 +88,8 @@ class RafsFs:
     def _inode(self, ino: int):
         try:
             return self.bootstrap.inode(ino)
+        except NoSuchInodeError:
+            raise FsError(errno.ENOENT) from None
         except FormatError as exc:
             log.error("%s: inode %d is corrupt: %s", self.source, ino, exc)
             raise FsError(errno.EIO) from None
@@ -244,5 +246,9 @@ def load_bootstrap(path: str) -> Bootstrap:
     """
     with open(path, "rb") as f:
         data = f.read()
-    return Bootstrap.from_bytes(data)
+    bootstrap = Bootstrap.from_bytes(data)
+    # Blobs with inlined meta carry a placeholder id: like nydusd, the real id is
+    # the meta file's name (the OCI layer digest in a converted image).
+    bootstrap.set_blob_id_from_meta(blob_id_from_meta_path(path))
+    return bootstrap
 

@@ -23,6 +23,7 @@ of ``format.types.Compressor`` (an ``IntEnum``, so its members work as is):
 from __future__ import annotations
 
 import gzip as _gzip
+import threading
 import zlib
 
 import lz4.block as _lz4
@@ -42,8 +43,16 @@ ZSTD_LEVEL = 3
 _NONE, _LZ4_BLOCK, _GZIP, _ZSTD = 0, 1, 2, 3
 _NAMES = {_NONE: "none", _LZ4_BLOCK: "lz4_block", _GZIP: "gzip", _ZSTD: "zstd"}
 
-_ZSTD_C = _zstd.ZstdCompressor(level=ZSTD_LEVEL)
-_ZSTD_D = _zstd.ZstdDecompressor()
+# python-zstandard (de)compressor objects are not thread safe: sharing one
+# between threads corrupts output.  Each thread gets its own pair.
+_ZSTD_LOCAL = threading.local()
+
+
+def _zstd_pair() -> tuple[_zstd.ZstdCompressor, _zstd.ZstdDecompressor]:
+    pair = getattr(_ZSTD_LOCAL, "pair", None)
+    if pair is None:
+        pair = _ZSTD_LOCAL.pair = (_zstd.ZstdCompressor(level=ZSTD_LEVEL), _zstd.ZstdDecompressor())
+    return pair
 _ZSTD_UNKNOWN_SIZES = (_zstd.CONTENTSIZE_UNKNOWN, _zstd.CONTENTSIZE_ERROR)
 
 Buffer = bytes | bytearray | memoryview
@@ -56,7 +65,7 @@ def compress_raw(data: Buffer, algo: int) -> bytes:
     if algo == _LZ4_BLOCK:
         return _lz4.compress(data, store_size=False)
     if algo == _ZSTD:
-        return _ZSTD_C.compress(data)
+        return _zstd_pair()[0].compress(data)
     if algo == _GZIP:
         return _gzip.compress(bytes(data), compresslevel=6, mtime=0)
     raise ValueError(f"unknown compressor {algo!r}")
@@ -127,7 +136,7 @@ def _zstd_decompress(data: Buffer, size: int) -> bytes:
     if declared not in _ZSTD_UNKNOWN_SIZES and declared != size:
         raise ChunkCorruptError(f"zstd: frame declares {declared} bytes, expected {size}")
     try:
-        return _ZSTD_D.decompress(data, max_output_size=size, allow_extra_data=False)
+        return _zstd_pair()[1].decompress(data, max_output_size=size, allow_extra_data=False)
     except _zstd.ZstdError as exc:
         raise ChunkCorruptError(f"zstd: cannot decode {len(data)} bytes to {size}: {exc}") from None
 

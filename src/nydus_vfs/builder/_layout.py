@@ -1,0 +1,29 @@
+"""What a bootstrap writer needs to know, independent of the RAFS version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..format.types import BlobInfo, Compressor, Digester
+from ._tree import Node
+
+__all__ = ["ImageSpec"]
+
+
+@dataclass
+class ImageSpec:
+    """A finished tree plus the image-wide settings, ready to be laid out.
+
+    Every regular file's ``inode.chunks`` must already reference ``blobs`` by
+    position (``ChunkInfo.blob_index``).  ``prefetch`` lists the paths whose
+    inodes go into the prefetch table, in pattern order.  ``explicit_uidgid``
+    false means owners are stored as 0 (``--repeatable``).
+    """
+
+    root: Node
+    chunk_size: int
+    compressor: Compressor
+    digester: Digester
+    blobs: list[BlobInfo] = field(default_factory=list)
+    explicit_uidgid: bool = True
+    prefetch: list[tuple[bytes, ...]] = field(default_factory=list)
