@@ -553,6 +553,16 @@ static void slot_reset(vhs_dev *d, struct slot *s)
     s->charged = 0;
 }
 
+static void queue_free_arrays(struct queue *q)
+{
+    free(q->slots);
+    free(q->inflight_bits);
+    free(q->itab);
+    q->slots = NULL;
+    q->inflight_bits = NULL;
+    q->itab = NULL;
+}
+
 static void queue_free_ring_state(vhs_dev *d, struct queue *q)
 {
     if (q->slots) {
@@ -566,12 +576,7 @@ static void queue_free_ring_state(vhs_dev *d, struct queue *q)
             slot_reset(d, s);
         }
     }
-    free(q->slots);
-    free(q->inflight_bits);
-    free(q->itab);
-    q->slots = NULL;
-    q->inflight_bits = NULL;
-    q->itab = NULL;
+    queue_free_arrays(q);
     q->inflight = 0;
 }
 
@@ -582,12 +587,7 @@ static int queue_alloc(vhs_dev *d, struct queue *q, uint32_t num)
     q->inflight_bits = calloc((num + 63) / 64, sizeof(uint64_t));
     q->itab = malloc((size_t)num * 16);
     if (!q->slots || !q->inflight_bits || !q->itab) {
-        free(q->slots);
-        free(q->inflight_bits);
-        free(q->itab);
-        q->slots = NULL;
-        q->inflight_bits = NULL;
-        q->itab = NULL;
+        queue_free_arrays(q);
         q->num = 0;
         return -ENOMEM;
     }
@@ -687,47 +687,51 @@ static bool range_wraps(uint64_t addr, uint32_t len)
     return len > 0 && addr > UINT64_MAX - (len - 1);
 }
 
-static int add_readable(vhs_dev *d, struct queue *q, struct slot *s, uint16_t head,
-                        const struct desc *dd)
+/* One guest page run of a readable descriptor: copied into the request while
+ * under max_in_bytes; past the cap only counted (the range is still validated). */
+static int add_in_piece(vhs_dev *d, struct queue *q, struct slot *s, const uint8_t *host, uint64_t piece)
 {
-    if (range_wraps(dd->addr, dd->len)) {
-        queue_set_broken(d, q, "head %u: readable buffer gpa=%#" PRIx64 " len=%u wraps", head,
-                         dd->addr, dd->len);
-        return WALK_BROKEN;
+    if (s->in_total < d->cfg.max_in_bytes) {
+        uint64_t room = d->cfg.max_in_bytes - s->in_total;
+        uint32_t take = (uint32_t)(piece < room ? piece : room);
+        int rc = grow_in(d, q, s, s->in_len + take);
+        if (rc != WALK_OK)
+            return rc;
+        memcpy(s->in + s->in_len, host, take);
+        s->in_len += take;
     }
-    uint64_t gpa = dd->addr, rem = dd->len;
-    while (rem > 0) {
-        uint64_t span;
-        uint8_t *host = gpa_lookup(d->tab, gpa, &span);
-        if (!host) {
-            queue_set_broken(d, q,
-                             "head %u: readable buffer gpa=%#" PRIx64 " len=%u is outside guest memory",
-                             head, dd->addr, dd->len);
-            return WALK_BROKEN;
-        }
-        uint64_t piece = rem < span ? rem : span;
-        /* Copy while under the cap; past it, only keep validating. */
-        if (s->in_total < d->cfg.max_in_bytes) {
-            uint64_t room = d->cfg.max_in_bytes - s->in_total;
-            uint32_t take = (uint32_t)(piece < room ? piece : room);
-            int rc = grow_in(d, q, s, s->in_len + take);
+    s->in_total += piece;
+    return WALK_OK;
+}
+
+/* One guest page run of a writable descriptor: becomes an iovec while under
+ * max_out_bytes; past the cap it is dropped (the range is still validated). */
+static int add_out_piece(vhs_dev *d, struct queue *q, struct slot *s, uint8_t *host, uint64_t piece)
+{
+    if (s->out_cap < d->cfg.max_out_bytes) {
+        uint64_t room = d->cfg.max_out_bytes - s->out_cap;
+        uint32_t take = (uint32_t)(piece < room ? piece : room);
+        if (s->niov == s->iov_cap) {
+            int rc = grow_iov(d, q, s);
             if (rc != WALK_OK)
                 return rc;
-            memcpy(s->in + s->in_len, host, take);
-            s->in_len += take;
         }
-        s->in_total += piece;
-        gpa += piece;
-        rem -= piece;
+        s->iov[s->niov].iov_base = host;
+        s->iov[s->niov].iov_len = take;
+        s->niov++;
+        s->out_cap += take;
     }
     return WALK_OK;
 }
 
-static int add_writable(vhs_dev *d, struct queue *q, struct slot *s, uint16_t head,
-                        const struct desc *dd)
+/* Add one non-empty descriptor to the slot, split where guest memory regions
+ * split it; a range that wraps or leaves guest memory breaks the queue. */
+static int add_buffer(vhs_dev *d, struct queue *q, struct slot *s, uint16_t head,
+                      const struct desc *dd, bool writable)
 {
+    const char *kind = writable ? "writable" : "readable";
     if (range_wraps(dd->addr, dd->len)) {
-        queue_set_broken(d, q, "head %u: writable buffer gpa=%#" PRIx64 " len=%u wraps", head,
+        queue_set_broken(d, q, "head %u: %s buffer gpa=%#" PRIx64 " len=%u wraps", head, kind,
                          dd->addr, dd->len);
         return WALK_BROKEN;
     }
@@ -736,25 +740,14 @@ static int add_writable(vhs_dev *d, struct queue *q, struct slot *s, uint16_t he
         uint64_t span;
         uint8_t *host = gpa_lookup(d->tab, gpa, &span);
         if (!host) {
-            queue_set_broken(d, q,
-                             "head %u: writable buffer gpa=%#" PRIx64 " len=%u is outside guest memory",
-                             head, dd->addr, dd->len);
+            queue_set_broken(d, q, "head %u: %s buffer gpa=%#" PRIx64 " len=%u is outside guest memory",
+                             head, kind, dd->addr, dd->len);
             return WALK_BROKEN;
         }
         uint64_t piece = rem < span ? rem : span;
-        if (s->out_cap < d->cfg.max_out_bytes) {
-            uint64_t room = d->cfg.max_out_bytes - s->out_cap;
-            uint32_t take = (uint32_t)(piece < room ? piece : room);
-            if (s->niov == s->iov_cap) {
-                int rc = grow_iov(d, q, s);
-                if (rc != WALK_OK)
-                    return rc;
-            }
-            s->iov[s->niov].iov_base = host;
-            s->iov[s->niov].iov_len = take;
-            s->niov++;
-            s->out_cap += take;
-        }
+        int rc = writable ? add_out_piece(d, q, s, host, piece) : add_in_piece(d, q, s, host, piece);
+        if (rc != WALK_OK)
+            return rc;
         gpa += piece;
         rem -= piece;
     }
@@ -861,13 +854,13 @@ static int walk_chain(vhs_dev *d, struct queue *q, uint16_t head, struct slot *s
             int rc;
             if (dd.flags & VRING_DESC_F_WRITE) {
                 seen_write = true;
-                rc = add_writable(d, q, s, head, &dd);
+                rc = add_buffer(d, q, s, head, &dd, true);
             } else {
                 if (seen_write) {
                     queue_set_broken(d, q, "head %u: readable descriptor after a writable one", head);
                     return WALK_BROKEN;
                 }
-                rc = add_readable(d, q, s, head, &dd);
+                rc = add_buffer(d, q, s, head, &dd, false);
             }
             if (rc != WALK_OK)
                 return rc;

@@ -584,33 +584,33 @@ def _registry(ctx: _Ctx, v: Any, path: str) -> RegistryConfig:
     )
 
 
-def _oss(ctx: _Ctx, v: Any, path: str) -> OssConfig:
-    d = ctx.table(v, path, ("scheme", "endpoint", "bucket_name", "object_prefix", "access_key_id",
-                            "access_key_secret") + _CONN_KEYS)
-    return OssConfig(
-        scheme=_str(d, "scheme", path, "https"),
-        endpoint=_str(d, "endpoint", path),
+def _object_store(ctx: _Ctx, v: Any, path: str, config: type, *, region: bool) -> Any:
+    """OSS (``config=OssConfig``) or S3 (``S3Config``, ``region=True``): the same keys but ``region``.
+
+    Keys are read in the declared order, so the first bad one is the one reported.
+    """
+    head = ("scheme", "endpoint") + (("region",) if region else ())
+    d = ctx.table(v, path, head + ("bucket_name", "object_prefix", "access_key_id", "access_key_secret")
+                  + _CONN_KEYS)
+    values = {"scheme": _str(d, "scheme", path, "https"), "endpoint": _str(d, "endpoint", path)}
+    if region:
+        values["region"] = _str(d, "region", path)
+    return config(
+        **values,
         bucket_name=_str(d, "bucket_name", path),
         object_prefix=_str(d, "object_prefix", path, ""),
         access_key_id=_str(d, "access_key_id", path, ""),
         access_key_secret=_str(d, "access_key_secret", path, ""),
         **_connection(ctx, d, path),
     )
+
+
+def _oss(ctx: _Ctx, v: Any, path: str) -> OssConfig:
+    return _object_store(ctx, v, path, OssConfig, region=False)
 
 
 def _s3(ctx: _Ctx, v: Any, path: str) -> S3Config:
-    d = ctx.table(v, path, ("scheme", "endpoint", "region", "bucket_name", "object_prefix",
-                            "access_key_id", "access_key_secret") + _CONN_KEYS)
-    return S3Config(
-        scheme=_str(d, "scheme", path, "https"),
-        endpoint=_str(d, "endpoint", path),
-        region=_str(d, "region", path),
-        bucket_name=_str(d, "bucket_name", path),
-        object_prefix=_str(d, "object_prefix", path, ""),
-        access_key_id=_str(d, "access_key_id", path, ""),
-        access_key_secret=_str(d, "access_key_secret", path, ""),
-        **_connection(ctx, d, path),
-    )
+    return _object_store(ctx, v, path, S3Config, region=True)
 
 
 def _http_proxy(ctx: _Ctx, v: Any, path: str) -> HttpProxyConfig:

@@ -16,64 +16,14 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT, linked_blob_dir, requires_fuse
+from tests.functional.nydusd_helpers import NYDUSD, Nydusd, write_localfs_config
 
-NYDUSD = [sys.executable, "-m", "nydus_vfs.cli.nydusd"]
 pytestmark = [requires_fuse]
-
-
-class Nydusd:
-    """Runs `nydusd fuse` on a fresh mountpoint; stops it with SIGTERM."""
-
-    def __init__(self, tmp: pathlib.Path, args: list[str]) -> None:
-        self.mnt = tmp / "mnt"
-        self.mnt.mkdir(exist_ok=True)
-        self.log = tmp / "nydusd.log"
-        self.cmd = NYDUSD + ["fuse", "--mountpoint", str(self.mnt), "--log-file", str(self.log)] + args
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Nydusd":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     cwd=PROJECT_ROOT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if os.path.ismount(self.mnt):
-                return self
-            if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                raise AssertionError(f"nydusd exited {self.proc.returncode}: {err.decode()}\n{self.logtext()}")
-            time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"nydusd did not mount within 20 s\n{self.logtext()}")
-
-    def logtext(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.ismount(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
-        return self.proc.returncode
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _split_result(text: str) -> tuple[object, list[str]]:
@@ -134,19 +84,8 @@ def test_v5_vector_tree_matches_expected_result(tmp_path, v5_vector, which):
     assert not os.path.ismount(d.mnt)
 
 
-def _v6_config(tmp: pathlib.Path, blob_dir: pathlib.Path, validate: bool = True) -> pathlib.Path:
-    cfg = {
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp / "cache")}}},
-        "mode": "direct", "digest_validate": validate, "enable_xattr": True,
-    }
-    p = tmp / "config.json"
-    p.write_text(json.dumps(cfg))
-    return p
-
-
 def test_v6_vector_reads_back_with_digests_verified(tmp_path, v6_vector):
-    cfg = _v6_config(tmp_path, v6_vector["blob_dir"])
+    cfg = write_localfs_config(tmp_path / "config.json", v6_vector["blob_dir"], tmp_path / "cache")
     with Nydusd(tmp_path, ["--bootstrap", str(v6_vector["boot"]), "--config", str(cfg)]) as d:
         names = sorted(os.listdir(d.mnt))
         lib = (d.mnt / "lib.rs").read_bytes()
@@ -170,14 +109,8 @@ def test_corrupt_blob_gives_eio_for_that_file_only(tmp_path, v5_vector):
     # and find which files fail.
     data[0] ^= 0xFF
     (blob_dir / src.name).write_bytes(bytes(data))
-    cfg = {
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
-        "mode": "direct", "digest_validate": True,
-    }
-    (tmp_path / "c.json").write_text(json.dumps(cfg))
-    with Nydusd(tmp_path, ["--bootstrap", str(v5_vector["boots"][0]), "--config",
-                           str(tmp_path / "c.json")]) as d:
+    cfg = write_localfs_config(tmp_path / "c.json", blob_dir, tmp_path / "cache", enable_xattr=False)
+    with Nydusd(tmp_path, ["--bootstrap", str(v5_vector["boots"][0]), "--config", str(cfg)]) as d:
         failed, ok = [], []
         for root, _dirs, files in os.walk(d.mnt):
             for f in files:

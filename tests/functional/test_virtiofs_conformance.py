@@ -40,6 +40,7 @@ from tests.harness import (  # noqa: E402
     fuse_wire as fw,
     load_proxy_transcript,
 )
+from tests.functional import virtiofs_helpers  # noqa: E402
 from tests.functional.virtiofs_helpers import (  # noqa: E402
     BIG,
     BIG_ID,
@@ -49,45 +50,18 @@ from tests.functional.virtiofs_helpers import (  # noqa: E402
     ROOT,
     SLOW_ID,
     Backend,
+    connect,
     open_fds,
+    started,
+    wait_until,
 )
+
+backend = virtiofs_helpers.backend  # the fixture
 
 TRANSCRIPTS = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "vhost-user-transcripts"
 R = VhostUserRequest
 OFFERED = Feature.VERSION_1 | Feature.PROTOCOL_FEATURES | Feature.INDIRECT_DESC | Feature.EVENT_IDX
 OFFERED_PROTOCOL = ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS
-
-
-@pytest.fixture
-def backend(tmp_path):
-    be = Backend(str(tmp_path / "vfs.sock"))
-    try:
-        yield be
-    finally:
-        be.stop()
-
-
-def connect(be: Backend, **kw) -> Frontend:
-    kw.setdefault("mem_size", 16 << 20)
-    return Frontend.connect(be.sock_path, **kw)
-
-
-def started(be: Backend, **kw) -> tuple[Frontend, FuseSession]:
-    start = kw.pop("start", {})
-    fe = connect(be, **kw)
-    fe.negotiate()
-    fe.start_queues(**start)
-    fs = FuseSession(fe)
-    fs.init()
-    return fe, fs
-
-
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.002)
 
 
 # --------------------------------------------------------------------------- control plane

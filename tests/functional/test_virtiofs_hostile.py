@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -39,6 +40,7 @@ from tests.harness import (  # noqa: E402
     VhostUserRequest,
     fuse_wire as fw,
 )
+from tests.functional import virtiofs_helpers  # noqa: E402
 from tests.functional.virtiofs_helpers import (  # noqa: E402
     HELLO,
     HELLO_ID,
@@ -47,6 +49,7 @@ from tests.functional.virtiofs_helpers import (  # noqa: E402
     Backend,
     MemFs,
     open_fds,
+    wait_until,
 )
 
 R = VhostUserRequest
@@ -58,37 +61,10 @@ U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 
 
-@pytest.fixture
-def backend(tmp_path):
-    be = Backend(str(tmp_path / "vfs.sock"))
-    try:
-        yield be
-    finally:
-        be.stop()
-
-
-def connect(be: Backend, **kw) -> Frontend:
-    kw.setdefault("mem_size", 16 << 20)
-    kw.setdefault("queue_size", QSIZE)
-    return Frontend.connect(be.sock_path, **kw)
-
-
-def started(be: Backend, **kw) -> tuple[Frontend, FuseSession]:
-    start = kw.pop("start", {})
-    fe = connect(be, **kw)
-    fe.negotiate()
-    fe.start_queues(**start)
-    fs = FuseSession(fe)
-    fs.init()
-    return fe, fs
-
-
-def wait_until(cond, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.002)
+backend = virtiofs_helpers.backend  # the fixture
+# Hostile tests use smaller rings than QEMU's default.
+connect = functools.partial(virtiofs_helpers.connect, queue_size=QSIZE)
+started = functools.partial(virtiofs_helpers.started, queue_size=QSIZE)
 
 
 class Guest:

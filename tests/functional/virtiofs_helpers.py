@@ -10,6 +10,9 @@
   synchronous harness front-end (``tests.harness``) can drive it from the test
   thread.  It records every exception that escapes the loop; a test fails if
   the back-end crashed even when the front-end side looked fine.
+* :func:`backend` (a fixture: import it into the test module), :func:`connect`,
+  :func:`started` and :func:`wait_until` are the scaffolding every
+  conformance and hostile test starts from.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import os
 import stat
 import tempfile
 import threading
+import time
 from typing import Any, Callable
 
+import pytest
 import uvloop
 
 from nydus_vfs.errors import FsError
@@ -31,6 +36,7 @@ from nydus_vfs.fuse.ops import Attr, DirEntry, Entry, Operations, StatFs
 from nydus_vfs.fuse.server import FuseServer
 from nydus_vfs.transport.virtiofs import ShimConfig, VirtioFsTransport
 from nydus_vfs.utils.io import FileSegment
+from tests.harness import Frontend, FuseSession
 
 HELLO = b"hello, virtio-fs\n"
 BIG_SIZE = 2 << 20
@@ -235,8 +241,6 @@ class Backend:
 
     def wait_disconnected(self, count: int, timeout: float = 5.0) -> None:
         """Wait until ``count`` connections have ended (FUSE session closed too)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.call(lambda: self.transport.finished >= count):
@@ -259,3 +263,39 @@ class Backend:
             raise RuntimeError("the back-end did not stop within 10s")
         if self.errors:
             raise AssertionError(f"the back-end raised: {self.errors[0]!r}") from self.errors[0]
+
+
+@pytest.fixture
+def backend(tmp_path):
+    """A :class:`Backend` on ``tmp_path/vfs.sock``; stopping it fails the test if it crashed."""
+    be = Backend(str(tmp_path / "vfs.sock"))
+    try:
+        yield be
+    finally:
+        be.stop()
+
+
+def connect(be: Backend, **kw) -> Frontend:
+    """A harness front-end on ``be``'s socket; ``kw`` go to ``Frontend.connect`` (16 MiB of guest memory)."""
+    kw.setdefault("mem_size", 16 << 20)
+    return Frontend.connect(be.sock_path, **kw)
+
+
+def started(be: Backend, **kw) -> tuple[Frontend, FuseSession]:
+    """:func:`connect`, negotiate, start the queues (``start=`` their kwargs) and FUSE INIT."""
+    start = kw.pop("start", {})
+    fe = connect(be, **kw)
+    fe.negotiate()
+    fe.start_queues(**start)
+    fs = FuseSession(fe)
+    fs.init()
+    return fe, fs
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Poll ``cond`` every 2 ms; TimeoutError if it is still false after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.002)

@@ -29,7 +29,7 @@ from nydus_vfs.format import (
     RafsV6SuperBlockExt,
 )
 from nydus_vfs.format.blob import BlobTail
-from tests.unit.format.format_factory import build_v5, build_v6, inline_blob, sample_tree
+from tests.unit.format.format_factory import build_v5, build_v6, exercise, inline_blob, sample_tree
 
 #: Work done per mutated image is capped so a corrupt image that (legitimately)
 #: presents thousands of garbage entries cannot make one example slow.
@@ -39,38 +39,10 @@ INTERESTING_INTS = [0, 1, 2, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0xFFF, 0x1000, 0xFFF
                     0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 1 << 40, (1 << 63), (1 << 64) - 1]
 
 
-def exercise(boot: Bootstrap) -> None:
-    """Touch everything reachable; stop after MAX_OPS operations."""
-    ops = 0
-    for _path, ino, info in boot.walk():
-        ops += 1
-        if ops > MAX_OPS:
-            return
-        boot.xattrs(ino)
-        if info.is_symlink:
-            boot.readlink(ino)
-        elif info.is_reg:
-            boot.chunks(ino)
-        elif info.is_dir:
-            boot.child_count(ino)
-            for _, name, child, _ in boot.children(ino):
-                ops += 1
-                if ops > MAX_OPS:
-                    return
-                boot.lookup(ino, name)
-                boot.inode(child)
-            boot.lookup(ino, b"no-such-name")
-    for ino in boot.prefetch_inodes:
-        try:
-            boot.inode(ino)
-        except FormatError:
-            pass
-
-
 def load_and_exercise(data: bytes) -> None:
     try:
         boot = Bootstrap.from_bytes(data)
-        exercise(boot)
+        exercise(boot, MAX_OPS)
         for blob in boot.blobs:
             assert isinstance(blob.blob_id, str)
     except FormatError as exc:
@@ -149,6 +121,12 @@ def corpus(v5_vector, v6_vector):
     return out
 
 
+def _draw_image(corpus, data) -> tuple[bytearray, list[tuple[int, int]]]:
+    """A mutable copy of one corpus image, and its field positions."""
+    raw, fields, _ = corpus[data.draw(st.sampled_from(sorted(corpus)))]
+    return bytearray(raw), fields
+
+
 _FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                         HealthCheck.data_too_large])
 
@@ -156,9 +134,7 @@ _FUZZ = settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.functi
 @_FUZZ
 @given(data=st.data())
 def test_bit_flips(corpus, data):
-    name = data.draw(st.sampled_from(sorted(corpus)))
-    raw, fields, _ = corpus[name]
-    buf = bytearray(raw)
+    buf, _ = _draw_image(corpus, data)
     flips = data.draw(st.lists(st.tuples(st.integers(0, len(buf) - 1), st.integers(0, 7)), min_size=1, max_size=8))
     for pos, bit in flips:
         buf[pos] ^= 1 << bit
@@ -168,9 +144,7 @@ def test_bit_flips(corpus, data):
 @_FUZZ
 @given(data=st.data())
 def test_field_overwrites(corpus, data):
-    name = data.draw(st.sampled_from(sorted(corpus)))
-    raw, fields, _ = corpus[name]
-    buf = bytearray(raw)
+    buf, fields = _draw_image(corpus, data)
     for _ in range(data.draw(st.integers(1, 4))):
         off, size = data.draw(st.sampled_from(fields))
         value = data.draw(st.one_of(st.sampled_from(INTERESTING_INTS), st.integers(0, (1 << 64) - 1)))
@@ -183,9 +157,7 @@ def test_field_overwrites(corpus, data):
 @given(data=st.data())
 def test_field_overwrites_with_nearby_valid_values(corpus, data):
     """Small deltas keep images loadable, so the deep paths (dirents, chunks) get corrupted."""
-    name = data.draw(st.sampled_from(sorted(corpus)))
-    raw, fields, _ = corpus[name]
-    buf = bytearray(raw)
+    buf, fields = _draw_image(corpus, data)
     for _ in range(data.draw(st.integers(1, 3))):
         off, size = data.draw(st.sampled_from(fields))
         old = int.from_bytes(buf[off:off + size], "little")

@@ -25,7 +25,6 @@ import base64
 import dataclasses
 import gzip
 import hashlib
-import json
 import os
 import pathlib
 import random
@@ -42,8 +41,9 @@ from nydus_vfs.testing.guest import Backend, GuestResult, find_kernel, guest_una
     parse_tree_result, run_guest, start_backend, tree_result_script
 from nydus_vfs.utils.io import FileSegment
 from tests.conftest import PROJECT_ROOT, linked_blob_dir
+from tests.functional.nydusd_helpers import NYDUSD, write_localfs_config
+from tests.integration.guest_helpers import host_tree_listing, split_sections
 
-NYDUSD = [sys.executable, "-m", "nydus_vfs.cli.nydusd"]
 NYDUS_IMAGE = [sys.executable, "-m", "nydus_vfs.cli.nydus_image"]
 # Boots are slow under TCG and the host may be busy with other jobs.
 GUEST_TIMEOUT = 240
@@ -178,36 +178,10 @@ def built(tmp_path_factory) -> Built:
 # Serving and booting
 
 
-def _write_config(path: pathlib.Path, blob_dir: pathlib.Path, cache_dir: pathlib.Path, *,
-                  digest_validate: bool = False) -> pathlib.Path:
-    """A v1 JSON config: localfs + blobcache, xattrs served (upstream's default is off)."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "device": {"backend": {"type": "localfs", "config": {"dir": str(blob_dir)}},
-                   "cache": {"type": "blobcache", "config": {"work_dir": str(cache_dir)}}},
-        "mode": "direct", "digest_validate": digest_validate, "enable_xattr": True,
-    }
-    path.write_text(json.dumps(doc))
-    return path
-
-
 def _nydusd(workdir: pathlib.Path, boot: pathlib.Path, *args: str) -> Backend:
     sock = workdir / "vhost-user-fs.sock"
     return start_backend(NYDUSD + ["virtiofs", "--sock", str(sock), "--bootstrap", str(boot), *args], sock,
                          timeout=60, cwd=PROJECT_ROOT)
-
-
-def _sections(output: str) -> dict[str, str]:
-    """Split script output at ``== name`` lines."""
-    out: dict[str, str] = {}
-    name = None
-    for line in output.splitlines(keepends=True):
-        if line.startswith("== "):
-            name = line[3:].strip()
-            out[name] = ""
-        elif name is not None:
-            out[name] += line
-    return out
 
 
 def _unpack(section: str) -> str:
@@ -327,7 +301,8 @@ class Session:
 
 
 def _start_session(built: Built, version: str, tmp: pathlib.Path, *, reboot: bool) -> Session:
-    cfg = _write_config(tmp / "config.json", built.blobs[version], tmp / "cache")
+    (tmp / "cache").mkdir(parents=True, exist_ok=True)
+    cfg = write_localfs_config(tmp / "config.json", built.blobs[version], tmp / "cache", digest_validate=False)
     backend = _nydusd(tmp, built.boots[version], "--config", str(cfg))
     try:
         tools = _xattr_tools()
@@ -337,7 +312,7 @@ def _start_session(built: Built, version: str, tmp: pathlib.Path, *, reboot: boo
         print(backend.log())
         backend.close()
         raise
-    return Session(version, backend, tmp, result, _sections(result.boots[0].output), bool(tools))
+    return Session(version, backend, tmp, result, split_sections(result.boots[0].output), bool(tools))
 
 
 @pytest.fixture(scope="module")
@@ -381,22 +356,6 @@ def _expected_stat(src: pathlib.Path, rel: str, *, with_size: bool) -> str:
     return "|".join(fields) + "\n"
 
 
-def _host_listing(src: pathlib.Path) -> str:
-    """What _listing_script prints, computed on the host over the source tree."""
-    tree = subprocess.run([str(find_kernel().tree), "-a", "-J", "-v", str(src)], capture_output=True,
-                          text=True, check=True, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}).stdout
-    lines = []
-    for dirpath, dirs, files in os.walk(src):
-        if dirpath == str(src):
-            dirs.remove("many")
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                digest = hashlib.md5(pathlib.Path(path).read_bytes()).hexdigest()
-                lines.append(f"{digest}  {path[len(str(src)):]}\n")
-    return tree.replace(str(src), "") + "".join(sorted(lines, key=str.encode))
-
-
 # --------------------------------------------------------------------------------------
 # Built image: one boot per format, many checks
 
@@ -404,7 +363,7 @@ def _host_listing(src: pathlib.Path) -> str:
 def test_built_image_tree_and_contents_match_the_source(session, built):
     assert session.result.boots[0].exit_status == 0, session.result.console_log
     got = _unpack(session.section("listing"))
-    want = _host_listing(built.src)
+    want = host_tree_listing(built.src, prune=("many",))
     # The guest runs the very tree binary used on the host, so the text is identical.
     assert parse_tree_result(got) == parse_tree_result(want)
     assert got == want
@@ -575,7 +534,8 @@ def test_v6_vector_reads_back_with_digest_validation(v6_vector, tmp_path):
     host = asyncio.run(_read_through_api(v6_vector["boot"], blobs, tmp_path / "host-cache", names))
     assert {n: len(b) for n, b in host.items()} == {"lib.rs": 16931, "sync_io.rs": 13400}
 
-    cfg = _write_config(tmp_path / "config.json", blobs, tmp_path / "cache", digest_validate=True)
+    (tmp_path / "cache").mkdir(parents=True, exist_ok=True)
+    cfg = write_localfs_config(tmp_path / "config.json", blobs, tmp_path / "cache", digest_validate=True)
     script = ("mount -t virtiofs nydus /mnt || exit 10\nls -a /mnt\n"
               "stat -c '%n %s' /mnt/lib.rs /mnt/sync_io.rs\nmd5sum /mnt/lib.rs /mnt/sync_io.rs\n")
     with _nydusd(tmp_path, v6_vector["boot"], "--config", str(cfg)) as backend:

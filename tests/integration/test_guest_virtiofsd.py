@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import subprocess
 
 import pytest
 
-from nydus_vfs.testing.guest import find_kernel, guest_unavailable_reason, run_guest, start_backend, \
-    tree_result_script
+from nydus_vfs.testing.guest import guest_unavailable_reason, run_guest, start_backend, tree_result_script
+from tests.integration.guest_helpers import host_tree_listing, split_sections
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 
@@ -67,35 +66,6 @@ def virtiofsd(share, tmp_path):
         yield backend
 
 
-def _sections(output: str) -> dict[str, str]:
-    """Split script output at `== name` lines."""
-    out: dict[str, str] = {}
-    name = None
-    for line in output.splitlines(keepends=True):
-        if line.startswith("== "):
-            name = line[3:].strip()
-            out[name] = ""
-        elif name is not None:
-            out[name] += line
-    return out
-
-
-def _host_tree_result(share) -> str:
-    """What tree_result_script prints, computed on the host over the shared directory."""
-    tree = find_kernel().tree  # the very binary the guest runs
-    listing = subprocess.run([str(tree), "-a", "-J", "-v", str(share)], capture_output=True, text=True,
-                             check=True, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}).stdout
-    lines = []
-    for dirpath, _dirs, files in os.walk(share):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            if os.path.isfile(path) and not os.path.islink(path):
-                digest = hashlib.md5(open(path, "rb").read()).hexdigest()
-                lines.append(f"{digest}  {path[len(str(share)):]}\n")
-    # busybox sort compares bytes, as upstream's results were sorted.
-    return listing.replace(str(share), "") + "".join(sorted(lines, key=str.encode))
-
-
 def test_mount_list_read_and_tree_match_the_host(share, virtiofsd):
     script = "\n".join([
         "set -e",
@@ -110,7 +80,7 @@ def test_mount_list_read_and_tree_match_the_host(share, virtiofsd):
     ])
     result = run_guest(virtiofsd.sock_path, script, timeout=90)
     assert result.exit_status == 0, result.output
-    got = _sections(result.output)
+    got = split_sections(result.output)
 
     names = sorted(os.listdir(share)) + [".", ".."]
     assert sorted(got["ls"].split("\n")[:-1]) == sorted(names)
@@ -121,7 +91,7 @@ def test_mount_list_read_and_tree_match_the_host(share, virtiofsd):
     # The hard link shows as a second link count, read through virtio-fs.
     assert got["stat"] == f"{len(HELLO)} 2 regular file\n4096 2 directory\n"
     # The real tree binary in the guest prints byte for byte what it prints on the host.
-    assert got["tree"] == _host_tree_result(share)
+    assert got["tree"] == host_tree_listing(share)
     assert "\r" not in result.output
 
 

@@ -9,6 +9,10 @@
   judges values.  ``validate(...)`` applies the loader's rules.  Keeping the two
   apart lets a builder decode, patch and re-encode a structure that a loader
   would refuse, and lets tests build deliberately bad structures.
+* :class:`EntryList` and :class:`XattrPairs` are the shared bodies of the
+  variable-size structures (tables of entries, xattr blocks): construction,
+  value equality and ``repr``; each subclass still decodes, validates and
+  encodes its own on-disk form.
 * Every error is :class:`~nydus_vfs.errors.FormatError` naming the structure,
   the field and the bad value.
 """
@@ -16,7 +20,7 @@
 from __future__ import annotations
 
 import struct
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 from ..errors import FormatError
 from .types import Compressor, Digester, SuperFlags
@@ -24,6 +28,8 @@ from .types import Compressor, Digester, SuperFlags
 __all__ = [
     "OnDisk",
     "layout_slots",
+    "EntryList",
+    "XattrPairs",
     "NoSuchInodeError",
     "U8",
     "U16",
@@ -229,6 +235,18 @@ class OnDisk:
             setattr(obj, name, value)
         return obj
 
+    @classmethod
+    def array_from_bytes(cls, buf: Any, offset: int, count: int, structure: str,
+                         field: str = "offset") -> list[Any]:
+        """Decode ``count`` consecutive structures at ``offset``.
+
+        The whole span is checked first, so a hostile ``count`` fails (naming
+        ``structure`` and ``field``) before anything is decoded.
+        """
+        size = cls.SIZE
+        need(buf, offset, count * size, structure, field)
+        return [cls.from_bytes(buf, offset + i * size) for i in range(count)]
+
     def to_bytes(self) -> bytes:
         """Encode exactly ``SIZE`` bytes; a value that does not fit names its field."""
         for name, width in self._BYTES_FIELDS:
@@ -284,3 +302,69 @@ def layout_slots(layout: tuple[tuple[str, str], ...]) -> tuple[str, ...]:
     """The ``__slots__`` of an :class:`OnDisk` subclass with this layout."""
     return tuple(name for name, _ in layout)
 
+
+class _ListValued:
+    """Value equality and ``repr`` over the one list attribute named by ``_ITEMS``.
+
+    Instances are mutable, hence unhashable; equality needs the same type.
+    """
+
+    __slots__ = ()
+    NAME: ClassVar[str]
+    _ITEMS: ClassVar[str]
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return getattr(self, self._ITEMS) == getattr(other, self._ITEMS)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{self.NAME}({getattr(self, self._ITEMS)!r})"
+
+
+class EntryList(_ListValued):
+    """Base of the variable-size structures that are a sequence of ``entries``.
+
+    Gives the list-holding constructor, ``len()``, value equality and a
+    ``repr`` naming the structure.  Subclasses set ``NAME`` and keep
+    ``from_bytes`` / ``validate`` / ``to_bytes`` to themselves.
+    """
+
+    __slots__ = ("entries",)
+    _ITEMS = "entries"
+
+    def __init__(self, entries: Iterable[Any] = ()) -> None:
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+class XattrPairs(_ListValued):
+    """Base of the v5 and v6 xattr blocks: ``pairs`` of full names and values, in on-disk order.
+
+    Both formats accept the same names and values, so :meth:`validate` (the
+    builder's rules: supported prefix, value size, no duplicate name) lives
+    here; the encodings differ and stay in the subclasses.
+    """
+
+    __slots__ = ("pairs",)
+    _ITEMS = "pairs"
+
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        self.pairs = [(bytes(k), bytes(v)) for k, v in pairs]
+
+    def validate(self) -> None:
+        seen = set()
+        for i, (k, v) in enumerate(self.pairs):
+            check_xattr_name(k, self.NAME, f"pairs[{i}].name")
+            if len(v) > MAX_XATTR_VALUE:
+                raise FormatError(self.NAME, f"pairs[{i}].value", len(v), "xattr value is larger than 64 KiB")
+            if k in seen:
+                raise FormatError(self.NAME, f"pairs[{i}].name", k, "duplicate xattr name")
+            seen.add(k)
+
+    def as_dict(self) -> dict[bytes, bytes]:
+        return dict(self.pairs)

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Union
 
 from ..errors import FormatError
-from ._common import OnDisk, layout_slots, need
+from ._common import EntryList, OnDisk, layout_slots
 from .types import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor
 
 __all__ = [
@@ -358,8 +358,7 @@ class BatchContext(OnDisk):
 def decode_ci_entries(buf: Any, count: int, v2: bool, offset: int = 0) -> list[Union[BlobChunkInfoV1, BlobChunkInfoV2]]:
     """Decode ``count`` ci entries of the uncompressed ci area at ``offset``."""
     cls = BlobChunkInfoV2 if v2 else BlobChunkInfoV1
-    need(buf, offset, count * cls.SIZE, "ci array", "count")
-    return [cls.from_bytes(buf, offset + i * cls.SIZE) for i in range(count)]
+    return cls.array_from_bytes(buf, offset, count, "ci array", "count")
 
 
 def split_blob_meta_file(buf: Any) -> tuple[BlobCompressionContextHeader, memoryview]:
@@ -419,14 +418,12 @@ class TocEntry(OnDisk):
             raise FormatError(n, "flags", self.flags, f"unknown compression of section {self.entry_name!r}")
 
 
-class TocEntryList:
+class TocEntryList(EntryList):
     """The ToC: consecutive :class:`TocEntry` records."""
 
-    __slots__ = ("entries",)
+    __slots__ = ()
     NAME = "TocEntryList"
-
-    def __init__(self, entries: Iterable[TocEntry] = ()) -> None:
-        self.entries = list(entries)
+    entries: list[TocEntry]
 
     @classmethod
     def from_bytes(cls, buf: Any, offset: int = 0, size: int | None = None) -> "TocEntryList":
@@ -434,8 +431,7 @@ class TocEntryList:
             size = len(buf) - offset
         if size % TocEntry.SIZE:
             raise FormatError(cls.NAME, "size", size, "must be a multiple of 128")
-        need(buf, offset, size, cls.NAME)
-        return cls(TocEntry.from_bytes(buf, offset + i) for i in range(0, size, TocEntry.SIZE))
+        return cls(TocEntry.array_from_bytes(buf, offset, size // TocEntry.SIZE, cls.NAME))
 
     def to_bytes(self) -> bytes:
         return b"".join(e.to_bytes() for e in self.entries)
@@ -445,16 +441,6 @@ class TocEntryList:
             if e.entry_name == name:
                 return e
         return None
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.entries == other.entries
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def _octal(raw: bytes, structure: str, field: str) -> int:

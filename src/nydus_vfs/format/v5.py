@@ -25,14 +25,14 @@ from typing import Any, Iterable
 from ..errors import FormatError
 from ._common import (
     MAX_CHUNK_SIZE,
-    MAX_XATTR_VALUE,
     U32,
     U64,
+    EntryList,
     OnDisk,
+    XattrPairs,
     align8,
     algorithms_from_flags,
     check_super_flags,
-    check_xattr_name,
     layout_slots,
     need,
 )
@@ -191,10 +191,10 @@ class RafsV5SuperBlock(OnDisk):
                 raise FormatError(n, "s_prefetch_table_offset", pt_off, "prefetch table overlaps another table")
 
 
-class _U32Table:
+class _U32Table(EntryList):
     """A ``u32[]`` zero-padded to 8 bytes on disk."""
 
-    __slots__ = ("entries",)
+    __slots__ = ()
     NAME = "u32 table"
 
     def __init__(self, entries: Iterable[int] = ()) -> None:
@@ -210,16 +210,6 @@ class _U32Table:
     def to_bytes(self) -> bytes:
         raw = _u32_bytes(self.entries, self.NAME)
         return raw + b"\0" * (align8(len(raw)) - len(raw))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.entries == other.entries
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"{self.NAME}({list(self.entries[:16])}{'…' if len(self.entries) > 16 else ''})"
@@ -286,14 +276,12 @@ class RafsV5BlobEntry:
         return f"RafsV5BlobEntry({self.blob_id!r}, {self.readahead_offset}, {self.readahead_size})"
 
 
-class RafsV5BlobTable:
+class RafsV5BlobTable(EntryList):
     """The variable-size v5 blob table (§1.6): entries separated by NUL, padded to 8."""
 
-    __slots__ = ("entries",)
+    __slots__ = ()
     NAME = "RafsV5BlobTable"
-
-    def __init__(self, entries: Iterable[RafsV5BlobEntry] = ()) -> None:
-        self.entries = list(entries)
+    entries: list[RafsV5BlobEntry]
 
     @classmethod
     def from_bytes(cls, buf: Any, offset: int = 0, size: int = 0) -> "RafsV5BlobTable":
@@ -333,19 +321,6 @@ class RafsV5BlobTable:
             if not e.blob_id:
                 raise FormatError(self.NAME, f"entries[{i}].blob_id", e.blob_id, "blob id is empty")
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.entries == other.entries
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RafsV5BlobTable({self.entries!r})"
-
 
 class RafsV5ExtBlobEntry(OnDisk):
     """Extended blob table entry, 64 bytes, same order as the blob table (§1.7)."""
@@ -365,29 +340,19 @@ class RafsV5ExtBlobEntry(OnDisk):
                               "unknown or internal-only blob feature bits")
 
 
-class RafsV5ExtBlobTable:
+class RafsV5ExtBlobTable(EntryList):
     """``s_extended_blob_table_entries`` consecutive :class:`RafsV5ExtBlobEntry`."""
 
-    __slots__ = ("entries",)
+    __slots__ = ()
     NAME = "RafsV5ExtBlobTable"
-
-    def __init__(self, entries: Iterable[RafsV5ExtBlobEntry] = ()) -> None:
-        self.entries = list(entries)
+    entries: list[RafsV5ExtBlobEntry]
 
     @classmethod
     def from_bytes(cls, buf: Any, offset: int = 0, count: int = 0) -> "RafsV5ExtBlobTable":
-        need(buf, offset, count * RafsV5ExtBlobEntry.SIZE, cls.NAME)
-        return cls(RafsV5ExtBlobEntry.from_bytes(buf, offset + i * RafsV5ExtBlobEntry.SIZE) for i in range(count))
+        return cls(RafsV5ExtBlobEntry.array_from_bytes(buf, offset, count, cls.NAME))
 
     def to_bytes(self) -> bytes:
         return b"".join(e.to_bytes() for e in self.entries)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.entries == other.entries
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 class RafsV5Inode(OnDisk):
@@ -519,17 +484,14 @@ class RafsV5ChunkInfo(OnDisk):
 
 
 
-class RafsV5Xattrs:
+class RafsV5Xattrs(XattrPairs):
     """The v5 xattr block (§1.8): ``u64 total`` then ``u32 size, key NUL value`` pairs.
 
     ``pairs`` keeps the on-disk order (HashMap order upstream: random per build).
     """
 
-    __slots__ = ("pairs",)
+    __slots__ = ()
     NAME = "RafsV5Xattrs"
-
-    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        self.pairs = [(bytes(k), bytes(v)) for k, v in pairs]
 
     @classmethod
     def from_bytes(cls, buf: Any, offset: int = 0) -> "RafsV5Xattrs":
@@ -568,29 +530,6 @@ class RafsV5Xattrs:
     def to_bytes(self) -> bytes:
         body = b"".join(U32.pack(len(k) + 1 + len(v)) + k + b"\0" + v for k, v in self.pairs)
         return U64.pack(len(body)) + body + b"\0" * (align8(len(body)) - len(body))
-
-    def validate(self) -> None:
-        seen = set()
-        for i, (k, v) in enumerate(self.pairs):
-            check_xattr_name(k, self.NAME, f"pairs[{i}].name")
-            if len(v) > MAX_XATTR_VALUE:
-                raise FormatError(self.NAME, f"pairs[{i}].value", len(v), "xattr value is larger than 64 KiB")
-            if k in seen:
-                raise FormatError(self.NAME, f"pairs[{i}].name", k, "duplicate xattr name")
-            seen.add(k)
-
-    def as_dict(self) -> dict[bytes, bytes]:
-        return dict(self.pairs)
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.pairs == other.pairs
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RafsV5Xattrs({self.pairs!r})"
 
 
 class RafsV5InodeRecord:
@@ -631,9 +570,7 @@ class RafsV5InodeRecord:
             pos += xattrs.size
         chunks = []
         if inode.is_reg and inode.i_child_count:
-            count = inode.i_child_count
-            need(buf, pos, count * RafsV5ChunkInfo.SIZE, n, "chunks")
-            chunks = [RafsV5ChunkInfo.from_bytes(buf, pos + i * RafsV5ChunkInfo.SIZE) for i in range(count)]
+            chunks = RafsV5ChunkInfo.array_from_bytes(buf, pos, inode.i_child_count, n, "chunks")
         return cls(inode, name, symlink, xattrs, chunks)
 
     @property

@@ -25,11 +25,11 @@ from ..errors import FormatError
 from ._common import (
     MAX_CHUNK_SIZE,
     MAX_NAME_LEN,
-    MAX_XATTR_VALUE,
     U32,
+    EntryList,
     OnDisk,
+    XattrPairs,
     check_super_flags,
-    check_xattr_name,
     decode_blob_id,
     encode_blob_id,
     layout_slots,
@@ -366,23 +366,14 @@ class RafsV6Blob(OnDisk):
             return BlobInfo(
                 index=self.blob_index,
                 blob_id=decode_blob_id(self.blob_id, n),
-                chunk_count=self.chunk_count,
-                chunk_size=self.chunk_size,
                 compressor=Compressor(self.compression_algo),
                 digester=Digester(self.digest_algo),
-                features=self.features,
-                compressed_size=self.compressed_size,
-                uncompressed_size=self.uncompressed_size,
                 ci_compressor=Compressor(self.ci_compressor),
-                ci_offset=self.ci_offset,
-                ci_compressed_size=self.ci_compressed_size,
-                ci_uncompressed_size=self.ci_uncompressed_size,
-                blob_toc_size=self.blob_toc_size,
                 blob_toc_digest=self.blob_toc_digest,
                 blob_meta_digest=self.blob_meta_digest,
-                blob_meta_size=self.blob_meta_size,
                 cipher=Cipher(self.cipher_algo),
                 cipher_iv=self.cipher_iv,
+                **{name: getattr(self, name) for name in _BLOB_INFO_SAME},
             )
         except ValueError as exc:
             raise FormatError(n, "algorithm", None, str(exc)) from None
@@ -393,24 +384,21 @@ class RafsV6Blob(OnDisk):
         return cls(
             blob_id=encode_blob_id(blob.blob_id, 64, cls.NAME),
             blob_index=blob.index,
-            chunk_size=blob.chunk_size,
-            chunk_count=blob.chunk_count,
             compression_algo=int(blob.compressor),
             digest_algo=int(blob.digester),
-            features=blob.features,
-            compressed_size=blob.compressed_size,
-            uncompressed_size=blob.uncompressed_size,
-            blob_toc_size=blob.blob_toc_size,
             ci_compressor=int(blob.ci_compressor),
-            ci_offset=blob.ci_offset,
-            ci_compressed_size=blob.ci_compressed_size,
-            ci_uncompressed_size=blob.ci_uncompressed_size,
             blob_toc_digest=blob.blob_toc_digest.ljust(32, b"\0"),
             blob_meta_digest=blob.blob_meta_digest.ljust(32, b"\0"),
-            blob_meta_size=blob.blob_meta_size,
             cipher_iv=blob.cipher_iv.ljust(8, b"\0"),
             cipher_algo=int(blob.cipher),
+            **{name: getattr(blob, name) for name in _BLOB_INFO_SAME},
         )
+
+
+#: The integer fields ``RafsV6Blob`` and ``BlobInfo`` share under the same name;
+#: both conversions copy them as they are (the others are renamed or re-typed).
+_BLOB_INFO_SAME = ("chunk_count", "chunk_size", "features", "compressed_size", "uncompressed_size",
+                   "blob_toc_size", "ci_offset", "ci_compressed_size", "ci_uncompressed_size", "blob_meta_size")
 
 
 class _V6InodeMixin:
@@ -515,7 +503,7 @@ class RafsV6Dirent(OnDisk):
     __slots__ = layout_slots(_LAYOUT)
 
 
-class RafsV6DirentBlock:
+class RafsV6DirentBlock(EntryList):
     """One directory block: all dirents, then all names without separators (§2.7).
 
     ``entries`` is a list of ``(name, nid, file_type)`` in on-disk order.  The
@@ -524,7 +512,7 @@ class RafsV6DirentBlock:
     directory) or at the first NUL.
     """
 
-    __slots__ = ("entries",)
+    __slots__ = ()
     NAME = "RafsV6DirentBlock"
 
     def __init__(self, entries: Iterable[tuple[bytes, int, int]] = ()) -> None:
@@ -638,16 +626,6 @@ class RafsV6DirentBlock:
         """The EROFS ``file_type`` for an ``st_mode``."""
         return _EROFS_FT_FROM_IFMT.get(stat.S_IFMT(mode), 0)
 
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self.entries == other.entries
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RafsV6DirentBlock({self.entries!r})"
-
 
 class RafsV6InodeChunkAddr(OnDisk):
     """A chunk index of a chunk-based inode (8 bytes, §2.8, trap 2).
@@ -700,7 +678,7 @@ class RafsV6InodeChunkAddr(OnDisk):
                               f"blob index {self.blob_index} but the image has {blob_count} blob(s)")
 
 
-class RafsV6Xattrs:
+class RafsV6Xattrs(XattrPairs):
     """Inline xattrs of a v6 inode (§2.10).
 
     A 12-byte ``erofs_xattr_ibody_header`` (shared count must be 0), then
@@ -709,11 +687,11 @@ class RafsV6Xattrs:
     on-disk order.
     """
 
-    __slots__ = ("pairs", "header")
+    __slots__ = ("header",)
     NAME = "RafsV6Xattrs"
 
     def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = (), header: bytes = b"\0" * 12) -> None:
-        self.pairs = [(bytes(k), bytes(v)) for k, v in pairs]
+        super().__init__(pairs)
         self.header = bytes(header)
 
     @classmethod
@@ -786,28 +764,11 @@ class RafsV6Xattrs:
         size = self.size
         return (size - _XATTR_HEADER_SIZE) // _XATTR_ENTRY_SIZE + 1 if size else 0
 
-    def validate(self) -> None:
-        seen = set()
-        for i, (k, v) in enumerate(self.pairs):
-            check_xattr_name(k, self.NAME, f"pairs[{i}].name")
-            if len(v) > MAX_XATTR_VALUE:
-                raise FormatError(self.NAME, f"pairs[{i}].value", len(v), "xattr value is larger than 64 KiB")
-            if k in seen:
-                raise FormatError(self.NAME, f"pairs[{i}].name", k, "duplicate xattr name")
-            seen.add(k)
-
-    def as_dict(self) -> dict[bytes, bytes]:
-        return dict(self.pairs)
-
     def __eq__(self, other: object) -> bool:
+        # The header is compared too: its reserved bytes survive a round trip.
         if type(other) is not type(self):
             return NotImplemented
         return self.pairs == other.pairs and self.header == other.header
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RafsV6Xattrs({self.pairs!r})"
 
 
 class RafsV6PrefetchTable(RafsV5PrefetchTable):

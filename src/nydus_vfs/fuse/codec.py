@@ -79,6 +79,23 @@ def _bad(struct_name: str, field: str, value: object, reason: str) -> RemoteProt
     return RemoteProtocolError(f"{struct_name}.{field} = {shown}: {reason}")
 
 
+def _need(struct_name: str, need: int, buf, offset: int) -> int:
+    """Bytes present from ``offset``; RemoteProtocolError unless at least ``need``."""
+    have = len(buf) - offset
+    if offset < 0 or have < need:
+        raise RemoteProtocolError(
+            f"{struct_name}: needs {need} bytes at offset {offset}, only {max(have, 0)} present")
+    return have
+
+
+def _encode(struct_name: str, obj: object, pack, *values) -> bytes:
+    """``pack(*values)``; a value that does not fit its C type is our bug (LocalProtocolError)."""
+    try:
+        return pack(*values)
+    except struct.error as exc:
+        raise LocalProtocolError(f"{struct_name}: cannot encode {obj!r}: {exc}") from None
+
+
 class _Wire:
     """Shared ``from_bytes``/``to_bytes`` for structs that are one flat ``struct.Struct``.
 
@@ -98,21 +115,14 @@ class _Wire:
     @classmethod
     def from_bytes(cls, buf, offset: int = 0):
         """Decode one struct at ``offset``; RemoteProtocolError if the buffer is too short."""
-        need = cls._S.size
-        have = len(buf) - offset
-        if offset < 0 or have < need:
-            raise RemoteProtocolError(
-                f"{cls.C_NAME}: needs {need} bytes at offset {offset}, only {max(have, 0)} present")
+        _need(cls.C_NAME, cls._S.size, buf, offset)
         return cls(*cls._S.unpack_from(buf, offset))
 
     def astuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
 
     def to_bytes(self) -> bytes:
-        try:
-            return self._S.pack(*self.astuple())
-        except struct.error as exc:
-            raise LocalProtocolError(f"{self.C_NAME}: cannot encode {self!r}: {exc}") from None
+        return _encode(self.C_NAME, self, self._S.pack, *self.astuple())
 
     def validate(self) -> None:
         """Check field values beyond what the C types enforce.  Default: nothing to check."""
@@ -220,21 +230,13 @@ class _WithAttr(_Wire):
 
     @classmethod
     def from_bytes(cls, buf, offset: int = 0):
-        need = cls.wire_size()
-        have = len(buf) - offset
-        if offset < 0 or have < need:
-            raise RemoteProtocolError(
-                f"{cls.C_NAME}: needs {need} bytes at offset {offset}, only {max(have, 0)} present")
+        _need(cls.C_NAME, cls.wire_size(), buf, offset)
         head = cls._S.unpack_from(buf, offset)
         return cls(*head, FuseAttr.from_bytes(buf, offset + cls._S.size))
 
     def to_bytes(self) -> bytes:
         values = self.astuple()
-        try:
-            head = self._S.pack(*values[:-1])
-        except struct.error as exc:
-            raise LocalProtocolError(f"{self.C_NAME}: cannot encode {self!r}: {exc}") from None
-        return head + values[-1].to_bytes()
+        return _encode(self.C_NAME, self, self._S.pack, *values[:-1]) + values[-1].to_bytes()
 
     def validate(self) -> None:
         self.attr.validate()  # type: ignore[attr-defined]
@@ -291,13 +293,13 @@ class Kstatfs(_Wire):
     padding: int = 0
 
 
-def _flat(c_name: str, s: struct.Struct, names: str, doc: str):
-    """Build a flat wire class from its field names (all default 0)."""
+def _flat(c_name: str, names: str, doc: str):
+    """Build a flat wire class over the :mod:`.abi` struct ``c_name`` from its field names (all default 0)."""
     ns: dict = {
         "__doc__": doc,
         "__annotations__": {n: "int" for n in names.split()},
         "C_NAME": c_name,
-        "_S": s,
+        "_S": getattr(abi, c_name),
     }
     for n in names.split():
         ns[n] = 0
@@ -310,35 +312,35 @@ def _camel(c_name: str) -> str:
     return "".join(part.capitalize() for part in c_name.removeprefix("fuse_").split("_"))
 
 
-ForgetIn = _flat("fuse_forget_in", abi.fuse_forget_in, "nlookup", "``struct fuse_forget_in`` (8 bytes).")
-ForgetOne = _flat("fuse_forget_one", abi.fuse_forget_one, "nodeid nlookup",
+ForgetIn = _flat("fuse_forget_in", "nlookup", "``struct fuse_forget_in`` (8 bytes).")
+ForgetOne = _flat("fuse_forget_one", "nodeid nlookup",
                   "``struct fuse_forget_one`` (16 bytes), repeated after BatchForgetIn.")
-BatchForgetIn = _flat("fuse_batch_forget_in", abi.fuse_batch_forget_in, "count dummy",
+BatchForgetIn = _flat("fuse_batch_forget_in", "count dummy",
                       "``struct fuse_batch_forget_in`` (8 bytes).")
-GetattrIn = _flat("fuse_getattr_in", abi.fuse_getattr_in, "getattr_flags dummy fh",
+GetattrIn = _flat("fuse_getattr_in", "getattr_flags dummy fh",
                   "``struct fuse_getattr_in`` (16 bytes); ``fh`` is valid with FUSE_GETATTR_FH.")
-OpenIn = _flat("fuse_open_in", abi.fuse_open_in, "flags open_flags", "``struct fuse_open_in`` (8 bytes).")
-OpenOut = _flat("fuse_open_out", abi.fuse_open_out, "fh open_flags padding",
+OpenIn = _flat("fuse_open_in", "flags open_flags", "``struct fuse_open_in`` (8 bytes).")
+OpenOut = _flat("fuse_open_out", "fh open_flags padding",
                 "``struct fuse_open_out`` (16 bytes).")
-ReleaseIn = _flat("fuse_release_in", abi.fuse_release_in, "fh flags release_flags lock_owner",
+ReleaseIn = _flat("fuse_release_in", "fh flags release_flags lock_owner",
                   "``struct fuse_release_in`` (24 bytes).")
-FlushIn = _flat("fuse_flush_in", abi.fuse_flush_in, "fh unused padding lock_owner",
+FlushIn = _flat("fuse_flush_in", "fh unused padding lock_owner",
                 "``struct fuse_flush_in`` (24 bytes).")
-ReadIn = _flat("fuse_read_in", abi.fuse_read_in, "fh offset size read_flags lock_owner flags padding",
+ReadIn = _flat("fuse_read_in", "fh offset size read_flags lock_owner flags padding",
                "``struct fuse_read_in`` (40 bytes); also the argument of READDIR/READDIRPLUS.")
-FsyncIn = _flat("fuse_fsync_in", abi.fuse_fsync_in, "fh fsync_flags padding",
+FsyncIn = _flat("fuse_fsync_in", "fh fsync_flags padding",
                 "``struct fuse_fsync_in`` (16 bytes).")
-GetxattrIn = _flat("fuse_getxattr_in", abi.fuse_getxattr_in, "size padding",
+GetxattrIn = _flat("fuse_getxattr_in", "size padding",
                    "``struct fuse_getxattr_in`` (8 bytes); the name follows for GETXATTR.")
-GetxattrOut = _flat("fuse_getxattr_out", abi.fuse_getxattr_out, "size padding",
+GetxattrOut = _flat("fuse_getxattr_out", "size padding",
                     "``struct fuse_getxattr_out`` (8 bytes): the size-probe answer.")
-AccessIn = _flat("fuse_access_in", abi.fuse_access_in, "mask padding", "``struct fuse_access_in`` (8 bytes).")
-InterruptIn = _flat("fuse_interrupt_in", abi.fuse_interrupt_in, "unique",
+AccessIn = _flat("fuse_access_in", "mask padding", "``struct fuse_access_in`` (8 bytes).")
+InterruptIn = _flat("fuse_interrupt_in", "unique",
                     "``struct fuse_interrupt_in`` (8 bytes).")
-LseekIn = _flat("fuse_lseek_in", abi.fuse_lseek_in, "fh offset whence padding",
+LseekIn = _flat("fuse_lseek_in", "fh offset whence padding",
                 "``struct fuse_lseek_in`` (24 bytes).")
-LseekOut = _flat("fuse_lseek_out", abi.fuse_lseek_out, "offset", "``struct fuse_lseek_out`` (8 bytes).")
-SyncfsIn = _flat("fuse_syncfs_in", abi.fuse_syncfs_in, "padding", "``struct fuse_syncfs_in`` (8 bytes).")
+LseekOut = _flat("fuse_lseek_out", "offset", "``struct fuse_lseek_out`` (8 bytes).")
+SyncfsIn = _flat("fuse_syncfs_in", "padding", "``struct fuse_syncfs_in`` (8 bytes).")
 
 
 @_frozen
@@ -434,10 +436,7 @@ class Dirent(_Wire):
     @classmethod
     def from_bytes(cls, buf, offset: int = 0) -> "Dirent":
         head = cls._S.size
-        have = len(buf) - offset
-        if offset < 0 or have < head:
-            raise RemoteProtocolError(
-                f"{cls.C_NAME}: needs {head} bytes at offset {offset}, only {max(have, 0)} present")
+        have = _need(cls.C_NAME, head, buf, offset)
         ino, off, namelen, typ = cls._S.unpack_from(buf, offset)
         if namelen > have - head:
             raise _bad(cls.C_NAME, "namelen", namelen, f"runs past the {have - head} bytes that follow")
@@ -456,11 +455,7 @@ class Dirent(_Wire):
             raise _bad(self.C_NAME, "name", self.name, "contains '/' or NUL")
 
     def to_bytes(self) -> bytes:
-        try:
-            head = self._S.pack(self.ino, self.off, self.namelen, self.type)
-        except struct.error as exc:
-            raise LocalProtocolError(f"{self.C_NAME}: cannot encode {self!r}: {exc}") from None
-        raw = head + self.name
+        raw = _encode(self.C_NAME, self, self._S.pack, self.ino, self.off, self.namelen, self.type) + self.name
         return raw + b"\0" * (abi.fuse_dirent_align(len(raw)) - len(raw))
 
 
@@ -477,6 +472,10 @@ class DirentPlus:
         entry = EntryOut.from_bytes(buf, offset)
         return cls(entry, Dirent.from_bytes(buf, offset + EntryOut.wire_size()))
 
+    @property
+    def namelen(self) -> int:
+        return self.dirent.namelen
+
     def record_size(self) -> int:
         return abi.fuse_dirent_align(abi.FUSE_NAME_OFFSET_DIRENTPLUS + self.dirent.namelen)
 
@@ -488,28 +487,25 @@ class DirentPlus:
         return self.entry_out.to_bytes() + self.dirent.to_bytes()
 
 
-def iter_dirents(payload) -> Iterator[Dirent]:
-    """Walk a READDIR reply payload record by record."""
+def _iter_records(payload, record):
     pos = 0
     end = len(payload)
     while pos < end:
-        d = Dirent.from_bytes(payload, pos)
+        d = record.from_bytes(payload, pos)
         pos += d.record_size()
         if pos > end:
-            raise _bad(Dirent.C_NAME, "namelen", d.namelen, "record padding runs past the payload")
+            raise _bad(record.C_NAME, "namelen", d.namelen, "record padding runs past the payload")
         yield d
+
+
+def iter_dirents(payload) -> Iterator[Dirent]:
+    """Walk a READDIR reply payload record by record."""
+    return _iter_records(payload, Dirent)
 
 
 def iter_direntplus(payload) -> Iterator[DirentPlus]:
     """Walk a READDIRPLUS reply payload record by record."""
-    pos = 0
-    end = len(payload)
-    while pos < end:
-        d = DirentPlus.from_bytes(payload, pos)
-        pos += d.record_size()
-        if pos > end:
-            raise _bad(DirentPlus.C_NAME, "namelen", d.dirent.namelen, "record padding runs past the payload")
-        yield d
+    return _iter_records(payload, DirentPlus)
 
 
 # -- request decoding (tests, tools; the server parses inline for speed) --------------
@@ -600,23 +596,17 @@ def pack_attr(attr: Attr) -> bytes:
     """
     packed = attr._packed
     if packed is None:
-        try:
-            packed = _pack_attr(attr.ino, attr.size, attr.blocks, attr.atime, attr.mtime, attr.ctime,
-                                attr.atimensec, attr.mtimensec, attr.ctimensec, attr.mode, attr.nlink,
-                                attr.uid, attr.gid, attr.rdev, attr.blksize, 0)
-        except struct.error as exc:
-            raise LocalProtocolError(f"fuse_attr: cannot encode {attr!r}: {exc}") from None
+        packed = _encode("fuse_attr", attr, _pack_attr, attr.ino, attr.size, attr.blocks, attr.atime,
+                         attr.mtime, attr.ctime, attr.atimensec, attr.mtimensec, attr.ctimensec, attr.mode,
+                         attr.nlink, attr.uid, attr.gid, attr.rdev, attr.blksize, 0)
         attr._packed = packed
     return packed
 
 
 def pack_statfs(st: StatFs, minor: int = abi.FUSE_KERNEL_MINOR_VERSION) -> bytes:
     """``fuse_statfs_out`` for a peer of protocol ``7.minor``."""
-    try:
-        raw = abi.fuse_kstatfs.pack(st.blocks, st.bfree, st.bavail, st.files, st.ffree,
-                                    st.bsize, st.namelen, st.frsize, 0)
-    except struct.error as exc:
-        raise LocalProtocolError(f"fuse_kstatfs: cannot encode {st!r}: {exc}") from None
+    raw = _encode("fuse_kstatfs", st, abi.fuse_kstatfs.pack, st.blocks, st.bfree, st.bavail, st.files,
+                  st.ffree, st.bsize, st.namelen, st.frsize, 0)
     return raw[:statfs_out_size(minor)]
 
 

@@ -18,7 +18,6 @@ fetched from the backend once.
 from __future__ import annotations
 
 import logging
-import os
 
 from ..config import DaemonConfig
 from ..errors import ConfigError, FormatError, FsError, NydusError
@@ -57,13 +56,8 @@ def cache_from_config(config: DaemonConfig) -> CacheSpec:
         raise ConfigError("cache.type: 'fscache' needs the singleton service, which is not supported yet")
     work_dir = c.work_dir or None
     if c.type in ("blobcache", "filecache"):
+        # nydusd's default work dir; the storage layer creates and checks it.
         work_dir = work_dir or "."
-        try:
-            os.makedirs(work_dir, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cache work_dir {work_dir}: {exc.strerror}") from None
-        if not os.path.isdir(work_dir):
-            raise ConfigError(f"cache work_dir {work_dir}: not a directory")
     return CacheSpec(kind=c.type, work_dir=work_dir, validate=bool(c.validate))
 
 

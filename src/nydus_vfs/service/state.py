@@ -69,32 +69,33 @@ class DaemonAction(enum.Enum):
     STOP_STATE_MACHINE = "StopStateMachine"  # nothing to undo: just become STOPPED
 
 
-S, E = DaemonState, DaemonEvent
+S, E, A = DaemonState, DaemonEvent, DaemonAction
 
-#: The whole lifecycle (reference §1.7).  Note ``RUNNING --Stop--> READY``: a
-#: signal or ``exit`` takes two events to reach STOPPED, the first stopping the
-#: workers, the second unmounting (Stop) or not (Exit).
+#: The whole lifecycle (reference §1.7): ``(state, event) -> (next state, action)``,
+#: the action being None where the transition has no side effect.  Note
+#: ``RUNNING --Stop--> READY``: a signal or ``exit`` takes two events to reach
+#: STOPPED, the first stopping the workers, the second unmounting (Stop) or not (Exit).
+_LIFECYCLE: dict[tuple[DaemonState, DaemonEvent], tuple[DaemonState, DaemonAction | None]] = {
+    (S.INIT, E.MOUNT): (S.READY, None),
+    (S.INIT, E.TAKEOVER): (S.READY, A.RESTORE),
+    (S.INIT, E.STOP): (S.STOPPED, A.STOP_STATE_MACHINE),
+    (S.READY, E.START): (S.RUNNING, A.START_SERVICE),
+    (S.READY, E.STOP): (S.STOPPED, A.UMOUNT),
+    (S.READY, E.EXIT): (S.STOPPED, A.STOP_STATE_MACHINE),
+    (S.RUNNING, E.STOP): (S.READY, A.TERMINATE_SERVICE),
+}
+
+del S, E, A
+
+#: Every allowed transition; a pair missing here is refused.
 TRANSITIONS: dict[tuple[DaemonState, DaemonEvent], DaemonState] = {
-    (S.INIT, E.MOUNT): S.READY,
-    (S.INIT, E.TAKEOVER): S.READY,
-    (S.INIT, E.STOP): S.STOPPED,
-    (S.READY, E.START): S.RUNNING,
-    (S.READY, E.STOP): S.STOPPED,
-    (S.READY, E.EXIT): S.STOPPED,
-    (S.RUNNING, E.STOP): S.READY,
+    key: target for key, (target, _) in _LIFECYCLE.items()
 }
 
 #: The side effect of each transition that has one (``Init --Mount-->`` has none).
 ACTIONS: dict[tuple[DaemonState, DaemonEvent], DaemonAction] = {
-    (S.INIT, E.TAKEOVER): DaemonAction.RESTORE,
-    (S.INIT, E.STOP): DaemonAction.STOP_STATE_MACHINE,
-    (S.READY, E.START): DaemonAction.START_SERVICE,
-    (S.READY, E.STOP): DaemonAction.UMOUNT,
-    (S.READY, E.EXIT): DaemonAction.STOP_STATE_MACHINE,
-    (S.RUNNING, E.STOP): DaemonAction.TERMINATE_SERVICE,
+    key: action for key, (_, action) in _LIFECYCLE.items() if action is not None
 }
-
-del S, E
 
 
 class UnexpectedEventError(NydusError):

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from nydus_vfs.errors import FormatError
 from nydus_vfs.format import (
     BlobFeatures,
     BlobInfo,
+    Bootstrap,
     ChunkInfo,
     Compressor,
     Digester,
@@ -422,3 +424,45 @@ def inline_blob(bootstrap: bytes, *, toc: bool = True, data: bytes = b"chunk-dat
         out += entries
         out += TarHeader.new("rafs.blob.toc", len(entries)).to_bytes()
     return bytes(out)
+
+
+# --------------------------------------------------------------------------- walking a loaded image
+
+
+def exercise(boot: Bootstrap, max_ops: int | None = None) -> int:
+    """Touch everything reachable from the root; return how many inodes were walked.
+
+    Per inode: xattrs, then the link target, the chunks, or the child count,
+    every child's lookup and inode plus one lookup that misses.  Then each
+    inode of the prefetch list (which may name missing inodes: those
+    FormatErrors are swallowed).  A corrupt image must only ever raise
+    FormatError.  ``max_ops`` caps the work (walked inodes plus children), so
+    an image presenting thousands of garbage entries stays quick; the
+    prefetch list is skipped once the cap is hit.
+    """
+    ops = inodes = 0
+    for _path, ino, info in boot.walk():
+        ops += 1
+        inodes += 1
+        if max_ops is not None and ops > max_ops:
+            return inodes
+        boot.xattrs(ino)
+        if info.is_symlink:
+            boot.readlink(ino)
+        elif info.is_reg:
+            boot.chunks(ino)
+        elif info.is_dir:
+            boot.child_count(ino)
+            for _, name, child, _ in boot.children(ino):
+                ops += 1
+                if max_ops is not None and ops > max_ops:
+                    return inodes
+                boot.lookup(ino, name)
+                boot.inode(child)
+            boot.lookup(ino, b"no-such-name")
+    for ino in boot.prefetch_inodes:
+        try:
+            boot.inode(ino)
+        except FormatError:
+            pass
+    return inodes

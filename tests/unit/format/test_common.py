@@ -7,6 +7,8 @@ import pytest
 from nydus_vfs.errors import FormatError
 from nydus_vfs.format import Compressor, Digester, OnDisk, SuperFlags, algorithms_from_flags, flags_from_algorithms
 from nydus_vfs.format._common import (
+    EntryList,
+    XattrPairs,
     align,
     align4k,
     align8,
@@ -91,3 +93,53 @@ def test_xattr_names():
     for bad in (b"system.other", b"user." + b"x" * 260, b"user.a\0"):
         with pytest.raises(FormatError):
             check_xattr_name(bad, "S", "f")
+
+
+def test_array_from_bytes_checks_the_whole_span_first():
+    raw = Sample(count=1).to_bytes() + Sample(count=2).to_bytes()
+    assert [s.count for s in Sample.array_from_bytes(b"x" + raw, 1, 2, "Table")] == [1, 2]
+    assert Sample.array_from_bytes(raw, 0, 0, "Table") == []
+    # A hostile count fails on the span, naming the containing structure and field.
+    with pytest.raises(FormatError) as info:
+        Sample.array_from_bytes(raw, 0, 1 << 40, "Table", "count")
+    assert (info.value.structure, info.value.field) == ("Table", "count")
+
+
+class Things(EntryList):
+    __slots__ = ()
+    NAME = "Things"
+
+
+class OtherThings(EntryList):
+    __slots__ = ()
+    NAME = "OtherThings"
+
+
+def test_entry_list_value_semantics():
+    a = Things(iter([1, 2]))
+    assert a.entries == [1, 2] and len(a) == 2 and len(Things()) == 0
+    assert a == Things([1, 2]) and a != Things([2, 1])
+    # Same entries in another structure are not equal.
+    assert a != OtherThings([1, 2]) and (a == [1, 2]) is False
+    assert repr(a) == "Things([1, 2])"
+    with pytest.raises(TypeError):
+        hash(a)
+
+
+class Pairs(XattrPairs):
+    __slots__ = ()
+    NAME = "Pairs"
+
+
+def test_xattr_pairs_validate_and_compare():
+    p = Pairs([(bytearray(b"user.a"), b"1"), (b"trusted.b", memoryview(b"2"))])
+    assert p.pairs == [(b"user.a", b"1"), (b"trusted.b", b"2")]
+    assert p.as_dict() == {b"user.a": b"1", b"trusted.b": b"2"}
+    p.validate()
+    assert p == Pairs(p.pairs) and p != Pairs(p.pairs[::-1]) and repr(p).startswith("Pairs([(b'user.a'")
+    for pairs, field in (([(b"user.a", b""), (b"user.a", b"")], "pairs[1].name"),
+                         ([(b"user.a", b"x" * (64 * 1024 + 1))], "pairs[0].value"),
+                         ([(b"bogus.a", b"")], "pairs[0].name")):
+        with pytest.raises(FormatError) as info:
+            Pairs(pairs).validate()
+        assert (info.value.structure, info.value.field) == ("Pairs", field)

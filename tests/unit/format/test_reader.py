@@ -36,6 +36,7 @@ from tests.unit.format.format_factory import (
     build_v6,
     chunk,
     d,
+    exercise,
     f,
     file_of,
     inline_blob,
@@ -66,23 +67,6 @@ def file_bytes(boot: Bootstrap, ino: int, blob: bytes) -> bytes:
             raw = zstandard.ZstdDecompressor().decompress(raw, max_output_size=c.uncompressed_size)
         out.append(raw)
     return b"".join(out)
-
-
-def exercise(boot: Bootstrap) -> int:
-    """Touch every inode the tree reaches: attributes, lookups, targets, xattrs, chunks."""
-    count = 0
-    for _path, ino, info in boot.walk():
-        count += 1
-        boot.xattrs(ino)
-        if info.is_symlink:
-            boot.readlink(ino)
-        elif info.is_reg:
-            boot.chunks(ino)
-        elif info.is_dir:
-            boot.child_count(ino)
-            for _, name, _, _ in boot.children(ino):
-                boot.lookup(ino, name)
-    return count
 
 
 def digest_of(digester: Digester, data: bytes) -> bytes:

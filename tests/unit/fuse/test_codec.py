@@ -162,6 +162,11 @@ def test_dirent_namelen_past_payload_is_refused():
         list(codec.iter_dirents(raw))
     with pytest.raises(RemoteProtocolError, match="padding"):
         list(codec.iter_dirents(abi.fuse_dirent.pack(1, 1, 3, 8) + b"abc"))
+    # READDIRPLUS records are walked the same way and name the direntplus.
+    plus = codec.EntryOut(nodeid=1).to_bytes() + abi.fuse_dirent.pack(1, 1, 3, 8) + b"abc"
+    assert codec.DirentPlus.from_bytes(plus + bytes(5)).namelen == 3
+    with pytest.raises(RemoteProtocolError, match=r"fuse_direntplus\.namelen = 0x3: record padding"):
+        list(codec.iter_direntplus(plus))
     for bad in (codec.Dirent(1, 1, 0, 8, b""), codec.Dirent(1, 1, 3, 8, b"a/b"), codec.Dirent(1, 1, 2, 8, b"a")):
         with pytest.raises(RemoteProtocolError):
             bad.validate()
