@@ -82,6 +82,8 @@ class Daemon:
             for p in prefetch_files:
                 if not p.startswith("/"):
                     raise MountError(f"prefetch file {p!r} must be an absolute path")
+            log.warning("%s: prefetch is not implemented yet; %d prefetch files ignored",
+                        mountpoint, len(prefetch_files))
         try:
             bootstrap = load_bootstrap(bootstrap_path)
         except OSError as exc:
