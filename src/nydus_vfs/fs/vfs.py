@@ -49,6 +49,10 @@ _DT_DIR = 4
 
 _LOOKUP_CACHE_MAX = 1 << 20
 
+# fuse_init_in flags the kernel offers (include/uapi/linux/fuse.h).
+_NO_OPEN_SUPPORT = 1 << 17
+_NO_OPENDIR_SUPPORT = 1 << 24
+
 
 class _PseudoNode:
     __slots__ = ("ino", "name", "parent", "children", "mount", "attr")
@@ -59,7 +63,9 @@ class _PseudoNode:
         self.parent = parent
         self.children: dict[bytes, _PseudoNode] = {}
         self.mount: int | None = None  # instance index mounted here
-        self.attr = Attr(ino, stat.S_IFDIR | 0o755, size=4096, nlink=2, mtime=int(time.time()))
+        now = time.time_ns()
+        self.attr = Attr(ino, stat.S_IFDIR | 0o755, size=4096, nlink=2, mtime=now // 10**9,
+                         mtimensec=now % 10**9)
 
 
 class Vfs(Operations):
@@ -83,6 +89,8 @@ class Vfs(Operations):
         self._root_index: int | None = None
         self._attr_cache: dict[int, Attr] = {}
         self._lookup_cache: dict[tuple[int, bytes], Entry] = {}
+        self._skip_open = False
+        self._skip_opendir = False
 
     # -- mount table (Python API; the HTTP API drives it later) ------------------------
     def mount(self, path: str, fs: RafsFs) -> int:
@@ -214,6 +222,12 @@ class Vfs(Operations):
 
     # -- Operations ------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:
+        # An immutable image needs no per-open state: where the kernel supports it,
+        # answering OPEN/OPENDIR with ENOSYS makes it stop sending them (and their
+        # RELEASEs), two round trips per file saved.  Kernels without the
+        # NO_OPEN(DIR)_SUPPORT flags would fail the open instead, so ask first.
+        self._skip_open = bool(conn.kernel_flags & _NO_OPEN_SUPPORT)
+        self._skip_opendir = bool(conn.kernel_flags & _NO_OPENDIR_SUPPORT)
         log.debug("FUSE session started: %s", conn)
 
     def destroy(self) -> None:
@@ -262,7 +276,14 @@ class Vfs(Operations):
         if not stat.S_ISREG(mode):
             # Only regular files carry data; devices and fifos are never opened here.
             raise FsError(errno.ENXIO)
+        if self._skip_open:
+            raise FsError(errno.ENOSYS)
         return 0, _FOPEN_KEEP_CACHE
+
+    def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
+        # Nothing to flush on a read-only image; ENOSYS stops the kernel sending a
+        # synchronous FLUSH on every close(2), as nydusd does.
+        raise FsError(errno.ENOSYS)
 
     async def read(self, nodeid: int, fh: int, offset: int, size: int, ctx: Context) -> ReadData:
         fs, local = self._resolve(nodeid)
@@ -293,7 +314,13 @@ class Vfs(Operations):
         if fs is not None:
             if not stat.S_ISDIR(fs.attr(local).mode):
                 raise FsError(errno.ENOTDIR)
+            if self._skip_opendir:
+                raise FsError(errno.ENOSYS)
             return 0, _FOPEN_KEEP_CACHE | _FOPEN_CACHE_DIR
+        if self._skip_opendir:
+            # The kernel then caches pseudo listings too; they are revalidated by
+            # the directory's mtime, which changes with every new child.
+            raise FsError(errno.ENOSYS)
         return 0, 0
 
     def readdir(self, nodeid: int, fh: int, offset: int, ctx: Context) -> Iterator[DirEntry]:
@@ -381,4 +408,6 @@ def _split(path: str) -> list[bytes]:
 
 def _dir_attr(node: _PseudoNode) -> Attr:
     nlink = 2 + len(node.children)
-    return Attr(node.ino, stat.S_IFDIR | 0o755, size=4096, nlink=nlink, mtime=int(time.time()))
+    now = time.time_ns()
+    return Attr(node.ino, stat.S_IFDIR | 0o755, size=4096, nlink=nlink, mtime=now // 10**9,
+                mtimensec=now % 10**9)

@@ -158,7 +158,7 @@ class Context(NamedTuple):
 
 
 class ConnInfo(NamedTuple):
-    """What INIT negotiated."""
+    """What INIT negotiated; ``kernel_flags`` is everything the kernel offered."""
 
     major: int
     minor: int
@@ -166,6 +166,7 @@ class ConnInfo(NamedTuple):
     max_write: int
     max_pages: int
     flags: int
+    kernel_flags: int = 0
 
 
 def _enosys() -> FsError:

@@ -534,7 +534,8 @@ class FuseServer:
         if cap is not None and cap < 16 + len(payload):
             self._transition(SessionInput.INIT_REFUSED)
             raise FsError(errno.EINVAL, "no room for the INIT reply")
-        conn = ConnInfo(abi.FUSE_KERNEL_VERSION, rminor, readahead, self.max_write, pages, flags)
+        conn = ConnInfo(abi.FUSE_KERNEL_VERSION, rminor, readahead, self.max_write, pages, flags,
+                        int(init.all_flags))
         try:
             self._ops.init(conn)
         except Exception:

@@ -185,3 +185,24 @@ def test_xattrs_and_statfs_and_pseudo_defaults():
     with pytest.raises(FsError) as ei:
         vfs.open(m.nodeid, 0, CTX)
     assert ei.value.errno_value == errno.EISDIR
+
+
+def test_open_and_opendir_are_skipped_only_when_the_kernel_supports_it():
+    from nydus_vfs.fuse.ops import ConnInfo
+
+    vfs = Vfs()
+    vfs.mount("/", TreeFs())
+    f = vfs.lookup(vfs.lookup(1, b"a", CTX).nodeid, b"f", CTX).nodeid
+    vfs.init(ConnInfo(7, 38, 0x20000, 1 << 20, 256, 0, kernel_flags=0))
+    assert vfs.open(f, 0, CTX) == (0, 1 << 1)          # FOPEN_KEEP_CACHE
+    assert vfs.opendir(1, 0, CTX)[0] == 0
+    vfs.init(ConnInfo(7, 38, 0x20000, 1 << 20, 256, 0, kernel_flags=0x7BFFFFFB))
+    for call in (lambda: vfs.open(f, 0, CTX), lambda: vfs.opendir(1, 0, CTX),
+                 lambda: vfs.flush(f, 0, 0)):
+        with pytest.raises(FsError) as ei:
+            call()
+        assert ei.value.errno_value == errno.ENOSYS
+    # Type errors still win over "skip": a directory is never opened as a file.
+    with pytest.raises(FsError) as ei:
+        vfs.open(1, 0, CTX)
+    assert ei.value.errno_value == errno.EISDIR
