@@ -17,9 +17,7 @@ the blob, the closest match to erofs), ``nydusd-none-cache`` and
 cold for the daemon too; the read is then repeated with the daemon's cache warm
 and the page cache dropped again).  Each repetition mounts everything afresh,
 in a rotated order.  The first repetition also checks every listing and the
-sha256 of every file against the plain tree.  ``--what-if`` adds two variants
-of our daemon with FUSE behaviour changed from outside (see ``WHAT_IF``), to
-measure what the changes suggested in docs/benchmarks.md would buy.
+sha256 of every file against the plain tree.
 
 Afterwards (``--profile``, on by default) the FUSE systems run once more with
 the kernel's ``fuse:fuse_request_send/end`` tracepoints on (request mix, READ
@@ -27,7 +25,7 @@ sizes, latency, concurrency, which processes asked), the daemon's run state
 sampled, and for ours ``py-spy`` (Python functions) and ``perf record``
 (kernel and interpreter symbols) on the daemon.
 
-    sudo .venv/bin/python scripts/bench/fuse_walk_read.py --what-if      # about 3 min on 2 vCPUs
+    sudo .venv/bin/python scripts/bench/fuse_walk_read.py                # about 3 min on 2 vCPUs
     sudo .venv/bin/python scripts/bench/fuse_walk_read.py --reps 1 --no-profile --systems erofs,nydusd-none
     sudo .venv/bin/python scripts/bench/fuse_walk_read.py --tree /some/dir --min-mb 1 --min-files 10
 
@@ -84,12 +82,10 @@ from _common import (
 
 @dataclass(frozen=True)
 class Ours:
-    """How one of our variants is run: image compressor, blob cache, and an optional what-if patch."""
+    """How one of our variants is run: image compressor and blob cache."""
 
     comp: str
     cache: bool
-    #: ``Vfs`` methods replaced by one answering ENOSYS (a what-if experiment, see --what-if).
-    enosys: tuple[str, ...] = ()
 
 
 OURS: dict[str, Ours] = {
@@ -97,20 +93,9 @@ OURS: dict[str, Ours] = {
     "nydusd-none-cache": Ours("none", True),
     "nydusd-zstd-cache": Ours("zstd", True),
 }
-#: Not run by default: our daemon with a FUSE behaviour changed from outside, to
-#: measure what a suggested change would buy.  ``noflush``: FLUSH answers ENOSYS,
-#: so the kernel stops sending it (upstream nydusd's behaviour).  ``noopen``:
-#: additionally OPEN and OPENDIR answer ENOSYS, so the kernel stops sending
-#: them and their RELEASE/RELEASEDIR ("zero-message open"; the kernel then
-#: applies FOPEN_KEEP_CACHE, plus FOPEN_CACHE_DIR for directories, exactly
-#: what the Vfs answers today).
-WHAT_IF: dict[str, Ours] = {
-    "nydusd-none+noflush": Ours("none", False, ("flush",)),
-    "nydusd-none+noopen": Ours("none", False, ("flush", "open", "opendir")),
-}
 ALL_SYSTEMS = ("plain", "erofs", "squashfuse", *OURS)
-KNOWN_SYSTEMS = (*ALL_SYSTEMS, *WHAT_IF)
-FUSE_SYSTEMS = ("squashfuse", *OURS, *WHAT_IF)
+KNOWN_SYSTEMS = ALL_SYSTEMS
+FUSE_SYSTEMS = ("squashfuse", *OURS)
 #: What --profile traces by default: the FUSE reference and two of ours.
 PROFILED = ("squashfuse", "nydusd-none", "nydusd-zstd-cache")
 
@@ -237,22 +222,7 @@ def _teardown(m: Mounted) -> None:
 
 
 def _ours(name: str) -> Ours | None:
-    return OURS.get(name) or WHAT_IF.get(name)
-
-
-# Runs the real nydusd CLI after replacing some Vfs methods with one that answers
-# ENOSYS; only for the --what-if variants, never for the measured product.
-_WHAT_IF_LAUNCHER = """
-import errno, sys
-from nydus_vfs.errors import FsError
-from nydus_vfs.fs.vfs import Vfs
-def _enosys(self, *args, **kwargs):
-    raise FsError(errno.ENOSYS)
-for _name in sys.argv[1].split(","):
-    setattr(Vfs, _name, _enosys)
-from nydus_vfs.cli.nydusd import main
-sys.exit(main(sys.argv[2:]))
-"""
+    return OURS.get(name)
 
 
 def _nydusd_config(blob_dir: Path, work_dir: Path | None) -> str:
@@ -293,10 +263,7 @@ def mount_system(name: str, tree: Path, images: Images, run_dir: Path) -> Iterat
             config = run_dir / f"{name}.json"
             config.write_text(_nydusd_config(image / "blobs", work_dir))
             daemon_args = ["fuse", "-C", str(config), "-B", str(image / "bootstrap"), "-M", str(mnt), "-l", "warn"]
-            if spec.enosys:
-                cmd = [sys.executable, "-c", _WHAT_IF_LAUNCHER, ",".join(spec.enosys), *daemon_args]
-            else:
-                cmd = [str(venv_tool("nydusd")), *daemon_args]
+            cmd = [str(venv_tool("nydusd")), *daemon_args]
             with open(m.log_path, "wb") as out:
                 m.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             _wait_mounted(m, t0)
@@ -866,10 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tree", default="auto",
                    help="debootstrap, python, auto (debootstrap, else python) or an existing directory")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS),
-                   help=f"comma list of {', '.join(KNOWN_SYSTEMS)} (default: all but the what-if ones)")
-    p.add_argument("--what-if", action="store_true",
-                   help=f"also run {', '.join(WHAT_IF)}: our daemon with FLUSH (and OPEN/OPENDIR) answering "
-                        "ENOSYS, to measure what those suggested changes would buy")
+                   help=f"comma list of {', '.join(KNOWN_SYSTEMS)} (default: all)")
     p.add_argument("--reps", type=int, default=3, help="repetitions; the tables show medians (default 3)")
     p.add_argument("--squashfs-comp", default="zstd", choices=("zstd", "gzip", "lz4", "xz", "none"))
     p.add_argument("--no-verify", action="store_true",
@@ -888,8 +852,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps < 1:
         p.error("--reps must be at least 1")
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    if args.what_if:
-        systems += tuple(s for s in WHAT_IF if s not in systems)
     bad = [s for s in systems if s not in KNOWN_SYSTEMS]
     if bad or not systems:
         p.error(f"unknown systems {bad}; choose from {', '.join(KNOWN_SYSTEMS)}")
