@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import errno
 import mmap
 import os
 import re
@@ -1665,6 +1666,11 @@ class Pending(NamedTuple):
     request: fw.FuseRequest
 
 
+# fuse_open_out.open_flags the kernel assumes for an open it skipped.
+_FOPEN_KEEP_CACHE = 1 << 1
+_FOPEN_CACHE_DIR = 1 << 3
+
+
 class FuseSession:
     """FUSE over the harness queues, checking every reply as strictly as the spec allows.
 
@@ -1686,6 +1692,11 @@ class FuseSession:
         self.timeout = timeout
         self.uid, self.gid, self.pid = uid, gid, pid
         self.init_out: fw.InitOut | None = None
+        # Like Linux: after ENOSYS for OPEN/OPENDIR/FLUSH (we offer NO_OPEN(DIR)_SUPPORT
+        # in INIT) the opcode is never sent again; opens then "succeed" with fh 0.
+        self.no_open = False
+        self.no_opendir = False
+        self.no_flush = False
 
     def submit(self, req: fw.FuseRequest, *, queue: int | None = None, indirect: bool | None = None,
                unique: int | None = None) -> Pending:
@@ -1756,10 +1767,24 @@ class FuseSession:
         return fw.decode_attr_out(self.call(fw.getattr(nodeid, fh)))
 
     def open(self, nodeid: int, flags: int = fw.O_RDONLY_LARGEFILE) -> fw.OpenOut:
-        return fw.decode_open_out(self.call(fw.open_(nodeid, flags)))
+        if not self.no_open:
+            try:
+                return fw.decode_open_out(self.call(fw.open_(nodeid, flags)))
+            except FuseErrorReply as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                self.no_open = True
+        return fw.OpenOut(0, _FOPEN_KEEP_CACHE)
 
     def opendir(self, nodeid: int) -> fw.OpenOut:
-        return fw.decode_open_out(self.call(fw.opendir(nodeid)))
+        if not self.no_opendir:
+            try:
+                return fw.decode_open_out(self.call(fw.opendir(nodeid)))
+            except FuseErrorReply as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise
+                self.no_opendir = True
+        return fw.OpenOut(0, _FOPEN_KEEP_CACHE | _FOPEN_CACHE_DIR)
 
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         return self.call(fw.read(nodeid, fh, offset, size))
@@ -1787,13 +1812,22 @@ class FuseSession:
             self.releasedir(nodeid, fh)
 
     def release(self, nodeid: int, fh: int) -> None:
-        self.call(fw.release(nodeid, fh))
+        if not self.no_open:
+            self.call(fw.release(nodeid, fh))
 
     def releasedir(self, nodeid: int, fh: int) -> None:
-        self.call(fw.releasedir(nodeid, fh))
+        if not self.no_opendir:
+            self.call(fw.releasedir(nodeid, fh))
 
     def flush(self, nodeid: int, fh: int) -> None:
-        self.call(fw.flush(nodeid, fh))
+        if self.no_flush:
+            return
+        try:
+            self.call(fw.flush(nodeid, fh))
+        except FuseErrorReply as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            self.no_flush = True
 
     def statfs(self, nodeid: int = 1) -> fw.StatFs:
         return fw.decode_statfs(self.call(fw.statfs(nodeid)))

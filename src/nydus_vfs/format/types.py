@@ -160,17 +160,18 @@ class ChunkInfo:
     file_offset: int
     crc32: int = 0
 
+    # ``int & IntFlag`` would go through the enum's slow __rand__: compare ints.
     @property
     def is_compressed(self) -> bool:
-        return bool(self.flags & ChunkFlags.COMPRESSED)
+        return bool(self.flags & 0x1)
 
     @property
     def is_encrypted(self) -> bool:
-        return bool(self.flags & ChunkFlags.ENCRYPTED)
+        return bool(self.flags & 0x4)
 
     @property
     def has_crc32(self) -> bool:
-        return bool(self.flags & ChunkFlags.HAS_CRC32)
+        return bool(self.flags & 0x10)
 
 
 @dataclass(frozen=True, slots=True)
