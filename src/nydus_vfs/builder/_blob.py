@@ -20,17 +20,27 @@ offsets are cumulative (v5) or 4 KiB aligned (v6, ``--aligned-chunk``).  With
 its uncompressed offset and the data area is padded to the uncompressed size,
 so ``blob[0:uncompressed_size]`` is exactly the uncompressed 4 KiB-aligned
 image that the kernel's erofs driver reads as an extra device (§2.14).
+
+Chunk data (the bulk of a blob) goes through a :class:`_Stager`: it is copied
+into a few large buffers that two helper threads hash and write, in order,
+while the builder reads and chunks the next files.  sha256 and ``write``
+release the GIL on such buffers, so the blob id costs no time on the thread
+that drives the build.  Everything after the chunk data is small and written
+directly, once the stager has drained.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import BinaryIO
 
 from ..errors import BuildError
 from ..format.blob import (TOC_FLAG_LZ4, TOC_FLAG_NONE, TOC_FLAG_ZSTD,
                            BlobChunkInfoV1, BlobCompressionContextHeader, TarHeader, TocEntry, TocEntryList)
 from ..format.types import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor, Digester
+from ..utils import Hasher
 from ..utils import compress as _compress
 
 __all__ = ["BlobWriter", "PLACEHOLDER_BLOB_ID", "MAX_CHUNKS_PER_BLOB"]
@@ -44,6 +54,104 @@ MAX_CHUNKS_PER_BLOB = 0xFF_FFFF
 _TOC_FLAGS = {Compressor.NONE: TOC_FLAG_NONE, Compressor.ZSTD: TOC_FLAG_ZSTD, Compressor.LZ4_BLOCK: TOC_FLAG_LZ4}
 
 
+#: Size of one staging buffer, and how many may wait for the helper thread.
+STAGE_BYTES = 1 << 20
+_MAX_PENDING = 4
+
+
+class _Stager:
+    """An in-order, hashed, write-behind stream into ``out``.
+
+    :meth:`write` copies the data (the caller may reuse its buffer at once).
+    Each full buffer is hashed into ``hasher`` by one helper thread and
+    written by another (both started on the first full buffer): sha256 and
+    the kernel's copy into the page cache are the two biggest costs of an
+    uncompressed blob, and they run side by side.  Each thread takes the
+    buffers in order, so the hash and the file see the bytes in order.
+    :meth:`drain` waits for all of it and re-raises the first error;
+    :meth:`close` stops the helpers (also after an error) and must always be
+    called.
+    """
+
+    def __init__(self, out: BinaryIO, hasher: Hasher) -> None:
+        self._out = out
+        self._hash = hasher
+        self._buf = bytearray(STAGE_BYTES)
+        self._view = memoryview(self._buf)
+        self._len = 0
+        self._free: list[bytearray] = []
+        # (buffer, its hash job, its write job), oldest first.
+        self._pending: deque[tuple[bytearray, Future, Future]] = deque()
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._len or self._pending)
+
+    def write(self, data: bytes | memoryview) -> None:
+        n = len(data)
+        room = STAGE_BYTES - self._len
+        if n <= room:
+            self._view[self._len:self._len + n] = data
+            self._len += n
+            return
+        with memoryview(data) as rest:
+            while len(rest):
+                take = min(len(rest), STAGE_BYTES - self._len)
+                self._view[self._len:self._len + take] = rest[:take]
+                self._len += take
+                rest = rest[take:]
+                if self._len == STAGE_BYTES:
+                    self._submit()
+
+    def _submit(self) -> None:
+        if self._pools is None:
+            self._pools = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="nydus-blob-hash"),
+                           ThreadPoolExecutor(max_workers=1, thread_name_prefix="nydus-blob-write"))
+        while len(self._pending) >= _MAX_PENDING:
+            self._free.append(self._retire())
+        buf, n = self._buf, self._len
+        hashing, writing = self._pools
+        self._pending.append((buf, hashing.submit(self._hash_part, buf, n), writing.submit(self._write_part, buf, n)))
+        self._buf = self._free.pop() if self._free else bytearray(STAGE_BYTES)
+        self._view = memoryview(self._buf)
+        self._len = 0
+
+    def _retire(self) -> bytearray:
+        """Wait for the oldest buffer's jobs (both, even if one failed); return the buffer."""
+        buf, hashed, written = self._pending.popleft()
+        wait((hashed, written))
+        hashed.result()
+        written.result()
+        return buf
+
+    def _hash_part(self, buf: bytearray, n: int) -> None:
+        with memoryview(buf) as whole, whole[:n] as part:
+            self._hash.update(part)
+
+    def _write_part(self, buf: bytearray, n: int) -> None:
+        with memoryview(buf) as whole, whole[:n] as part:
+            self._out.write(part)
+
+    def drain(self) -> None:
+        while self._pending:
+            self._free.append(self._retire())
+        if self._len:
+            part = self._view[:self._len]
+            self._len = 0
+            self._hash.update(part)
+            self._out.write(part)
+
+    def close(self) -> None:
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._pools = None
+
+
+# Padding between identity-layout chunks is always shorter than one block.
+_ZEROS = memoryview(bytes(4096))
+
+
 def _align4k(n: int) -> int:
     return (n + 4095) & ~4095
 
@@ -53,9 +161,15 @@ class BlobWriter:
 
     Call order: :meth:`add_chunk` any number of times (the chunk pipeline's
     sink), then :meth:`seal` once, then (only for inline meta)
-    :meth:`write_bootstrap`, then :meth:`finish`.  :meth:`info` describes the
-    blob for a bootstrap's blob table at any point after :meth:`seal`.
+    :meth:`write_bootstrap`, then :meth:`finish`; :meth:`close` always, also
+    after an error (it stops the helper thread that writes chunk data).
+    :meth:`info` describes the blob for a bootstrap's blob table at any point
+    after :meth:`seal`.
     """
+
+    #: add_chunk() is done with ``stored`` when it returns (it has been
+    #: written), so the chunk pipeline may pass views of its reusable buffers.
+    copies_chunk_data = True
 
     def __init__(self, out: BinaryIO, *, blob_index: int, chunk_size: int, compressor: Compressor,
                  digester: Digester, fs_version: int, aligned: bool, inline_meta: bool = False,
@@ -64,6 +178,7 @@ class BlobWriter:
             raise BuildError("--features blob-toc needs --fs-version 6")
         self._f = out
         self._hash = hashlib.sha256()
+        self._stager = _Stager(out, self._hash)
         self.pos = 0
         self.blob_index = blob_index
         self.chunk_size = chunk_size
@@ -94,9 +209,11 @@ class BlobWriter:
 
     # -- writing -----------------------------------------------------------------
 
-    def _write(self, data: bytes, *, hashed: bool = True) -> None:
+    def _write(self, data: bytes | memoryview, *, hashed: bool = True) -> None:
         if not data:
             return
+        if self._stager:
+            self._stager.drain()
         self._f.write(data)
         if hashed:
             self._hash.update(data)
@@ -111,7 +228,8 @@ class BlobWriter:
     def chunk_count(self) -> int:
         return len(self._digests)
 
-    def add_chunk(self, digest: bytes, stored: bytes, compressed: bool, uncompressed_size: int) -> ChunkInfo:
+    def add_chunk(self, digest: bytes, stored: bytes | memoryview, compressed: bool,
+                  uncompressed_size: int) -> ChunkInfo:
         """Append one chunk (already compressed or raw) and return its record."""
         if self._sealed:
             raise BuildError("internal: chunk added to a sealed blob")
@@ -119,12 +237,19 @@ class BlobWriter:
         if index >= MAX_CHUNKS_PER_BLOB:
             raise BuildError(f"a blob holds fewer than {MAX_CHUNKS_PER_BLOB} chunks; use a larger --chunk-size")
         uoff = _align4k(self._next_uoff) if self.aligned else self._next_uoff
+        stager = self._stager
         if self.identity_layout:
             if compressed:
                 raise BuildError("internal: compressed chunk in an identity-layout blob")
-            self._write(b"\0" * (uoff - self.pos))
+            pad = uoff - self.pos
+            if not 0 <= pad < 4096:
+                raise BuildError(f"internal: identity-layout blob at {self.pos:#x}, next chunk at {uoff:#x}")
+            if pad:
+                stager.write(_ZEROS[:pad])
+                self.pos += pad
         coff = self.pos
-        self._write(stored)
+        stager.write(stored)
+        self.pos += len(stored)
         self._next_uoff = uoff + uncompressed_size
         self._digests.append(digest)
         if self.fs_version == 6:
@@ -139,6 +264,7 @@ class BlobWriter:
         if self._sealed:
             return
         self._sealed = True
+        self._stager.drain()   # the chunk data is complete (and any write error reported) here
         self.uncompressed_size = _align4k(self._next_uoff) if self.aligned else self._next_uoff
         if self.identity_layout:
             self._write(b"\0" * (self.uncompressed_size - self.pos))
@@ -211,6 +337,7 @@ class BlobWriter:
         """Write the ToC (blob-toc), flush, and return the blob id (sha256 hex, §3.8)."""
         if not self._sealed:
             self.seal()
+        self._stager.drain()
         if self.inline_meta and self.bootstrap_offset is None:
             raise BuildError("internal: inline-meta blob finished without its bootstrap")
         if self.blob_toc:
@@ -223,6 +350,10 @@ class BlobWriter:
         self.size = self.pos
         self.blob_id = self._hash.hexdigest()
         return self.blob_id
+
+    def close(self) -> None:
+        """Stop the helper thread (waiting for a write in progress); idempotent."""
+        self._stager.close()
 
     # -- description -------------------------------------------------------------
 

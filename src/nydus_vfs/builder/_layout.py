@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..format.types import BlobInfo, Compressor, Digester
-from ._tree import Node
+from ._tree import Indexed, Node, index_order
 
 __all__ = ["ImageSpec"]
 
@@ -17,7 +17,9 @@ class ImageSpec:
     Every regular file's ``inode.chunks`` must already reference ``blobs`` by
     position (``ChunkInfo.blob_index``).  ``prefetch`` lists the paths whose
     inodes go into the prefetch table, in pattern order.  ``explicit_uidgid``
-    false means owners are stored as 0 (``--repeatable``).
+    false means owners are stored as 0 (``--repeatable``).  ``order`` is
+    ``index_order(root)`` when the caller already has it (the tree must not
+    have changed since); otherwise it is computed on first use.
     """
 
     root: Node
@@ -27,3 +29,9 @@ class ImageSpec:
     blobs: list[BlobInfo] = field(default_factory=list)
     explicit_uidgid: bool = True
     prefetch: list[tuple[bytes, ...]] = field(default_factory=list)
+    order: list[Indexed] | None = None
+
+    def index_order(self) -> list[Indexed]:
+        if self.order is None:
+            self.order = index_order(self.root)
+        return self.order

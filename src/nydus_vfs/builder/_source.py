@@ -5,7 +5,8 @@
   fifo, socket) with xattrs, owners and nanosecond mtimes.  Regular files keep
   their host path in ``inode.source``; their data is chunked later, in image
   order, by :func:`chunk_files` (which also skips reading holes of sparse
-  files).
+  files).  It only queues the chunks: the ``open``/``preadv`` of each one run
+  on the chunk pipeline's workers, into the pipeline's reusable buffers.
 * :func:`load_tar` reads an (optionally gzip-compressed) layer tar once, front
   to back, and chunks file data as it streams past, so chunks are in tar order
   and the input may be a pipe.
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 from ..errors import BuildError
-from ._chunker import ChunkPipeline
+from ._chunker import ChunkPipeline, ChunkReader
 from ._tar import (BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, SYMTYPE, GzipStream, TarMember, TarReader,
                    open_tar_stream)
 from ._tar import GNU_DUMPDIR as _GNU_DUMPDIR
@@ -69,13 +70,17 @@ def is_whiteout(node: Node, spec: str) -> bool:
     return False
 
 
-def _read_xattrs(path: bytes, shown: str) -> dict[bytes, bytes]:
+def _read_xattrs(path: bytes, parts: tuple[bytes, ...], entry: bytes | None = None) -> dict[bytes, bytes]:
+    """The xattrs of ``path``; ``parts`` (+ ``entry``) say which entry it is in errors."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             return {}
-        raise BuildError(f"{shown}: cannot list xattrs: {exc.strerror}") from None
+        raise BuildError(f"{_shown(parts, entry)}: cannot list xattrs: {exc.strerror}") from None
+    if not names:
+        return {}
+    shown = _shown(parts, entry)
     out: dict[bytes, bytes] = {}
     for name in sorted(names):
         raw_name = os.fsencode(name)
@@ -95,6 +100,10 @@ def _read_xattrs(path: bytes, shown: str) -> dict[bytes, bytes]:
             raise BuildError(f"{shown}: xattr name {name[:40]!r}… is longer than {MAX_XATTR_NAME} bytes")
         out[raw_name] = value
     return out
+
+
+def _shown(parts: tuple[bytes, ...], entry: bytes | None) -> str:
+    return display_path(parts + (entry,) if entry is not None else parts)
 
 
 def _mtime(ns: int) -> tuple[int, int]:
@@ -130,97 +139,117 @@ def load_directory(root_path: str | bytes | os.PathLike, *, whiteout_spec: str =
     if not stat.S_ISDIR(st.st_mode):
         raise BuildError(f"source {os.fsdecode(root_b)!r} is not a directory")
     root = Node(b"/", _inode_from_stat(st, layer))
-    root.inode.xattrs = _read_xattrs(root_b, "/")
+    root.inode.xattrs = _read_xattrs(root_b, ())
     links: dict[tuple[int, int], Inode] = {}
-    stack: list[tuple[bytes, tuple[bytes, ...], Node]] = [(root_b, (), root)]
+    # (host dir, path components, bytes of "/a/b" so far, node)
+    stack: list[tuple[bytes, tuple[bytes, ...], int, Node]] = [(root_b, (), 0, root)]
+    S_ISREG, S_ISDIR, S_ISLNK = stat.S_ISREG, stat.S_ISDIR, stat.S_ISLNK
     while stack:
-        host_dir, parts, dir_node = stack.pop()
+        host_dir, parts, parts_len, dir_node = stack.pop()
         try:
             with os.scandir(host_dir) as it:
                 entries = sorted((e.name, e.path) for e in it)
         except OSError as exc:
             raise BuildError(f"{display_path(parts)}: cannot read directory: {exc.strerror}") from None
+        children = dir_node.children
+        assert children is not None
         for name, host_path in entries:
-            child_parts = parts + (name,)
-            shown = display_path(child_parts)
+            child_len = parts_len + len(name) + 1
             if len(name) > NAME_MAX:
-                raise BuildError(f"{shown}: name is {len(name)} bytes, longer than NAME_MAX ({NAME_MAX})")
-            if sum(len(p) + 1 for p in child_parts) > PATH_MAX:
-                raise BuildError(f"{shown[:200]}…: path longer than PATH_MAX ({PATH_MAX})")
+                raise BuildError(f"{display_path(parts + (name,))}: name is {len(name)} bytes, longer than "
+                                 f"NAME_MAX ({NAME_MAX})")
+            if child_len > PATH_MAX:
+                raise BuildError(f"{display_path(parts + (name,))[:200]}…: path longer than PATH_MAX ({PATH_MAX})")
             try:
                 est = os.lstat(host_path)
             except OSError as exc:
-                raise BuildError(f"{shown}: cannot stat: {exc.strerror}") from None
+                raise BuildError(f"{display_path(parts + (name,))}: cannot stat: {exc.strerror}") from None
             mode = est.st_mode
-            if stat.S_ISREG(mode) and est.st_nlink > 1 and (est.st_dev, est.st_ino) in links:
+            if S_ISREG(mode) and est.st_nlink > 1 and (est.st_dev, est.st_ino) in links:
                 node = Node(name, links[(est.st_dev, est.st_ino)])
             else:
                 inode = _inode_from_stat(est, layer)
-                inode.xattrs = _read_xattrs(host_path, shown)
-                if stat.S_ISLNK(mode):
+                inode.xattrs = _read_xattrs(host_path, parts, name)
+                if S_ISREG(mode):
+                    inode.source = host_path
+                    inode.origin = (est.st_dev, est.st_ino)
+                    inode.dense = est.st_blocks * 512 >= est.st_size
+                    if est.st_nlink > 1:
+                        links[(est.st_dev, est.st_ino)] = inode
+                elif S_ISLNK(mode):
                     try:
                         inode.symlink = os.readlink(host_path)
                     except OSError as exc:
-                        raise BuildError(f"{shown}: cannot read symlink: {exc.strerror}") from None
+                        raise BuildError(f"{display_path(parts + (name,))}: cannot read symlink: "
+                                         f"{exc.strerror}") from None
                     if not inode.symlink:
-                        raise BuildError(f"{shown}: symlink has an empty target")
+                        raise BuildError(f"{display_path(parts + (name,))}: symlink has an empty target")
                     inode.size = len(inode.symlink)
-                elif stat.S_ISREG(mode):
-                    inode.source = host_path
-                    inode.origin = (est.st_dev, est.st_ino)
-                    if est.st_nlink > 1:
-                        links[(est.st_dev, est.st_ino)] = inode
-                elif not (stat.S_ISDIR(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                elif not (S_ISDIR(mode) or stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
                           or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
-                    raise BuildError(f"{shown}: unsupported file type {stat.S_IFMT(mode):o}")
+                    raise BuildError(f"{display_path(parts + (name,))}: unsupported file type "
+                                     f"{stat.S_IFMT(mode):o}")
                 node = Node(name, inode)
             if not keep_whiteouts and is_whiteout(node, whiteout_spec):
                 continue
-            assert dir_node.children is not None
-            dir_node.children[name] = node
+            children[name] = node
             if node.children is not None:
-                stack.append((host_path, child_parts, node))
+                stack.append((host_path, parts + (name,), child_len, node))
     return root
 
 
-def _read_chunks_from_host(pipeline: ChunkPipeline, inode: Inode, shown: str, chunk_size: int) -> None:
-    path = inode.source
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise BuildError(f"{shown}: cannot open: {exc.strerror}") from None
-    try:
-        size = inode.size
-        offset = 0
-        next_data = 0  # first offset >= ``offset`` that may hold data (SEEK_DATA)
-        while offset < size:
-            length = min(chunk_size, size - offset)
-            if next_data < offset + length:
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def _host_chunk_reader(path: bytes, parts: tuple[bytes, ...], offset: int, length: int, size: int,
+                       probe: bool) -> ChunkReader:
+    """A reader (run by a pipeline worker) for bytes ``[offset, offset + length)`` of a host file.
+
+    With ``probe``, a chunk without data (SEEK_DATA finds none in it: a hole
+    of a sparse file) is reported as zeros without reading.
+    """
+    def read(view: memoryview) -> bool:
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise BuildError(f"{display_path(parts)}: cannot open: {exc.strerror}") from None
+        try:
+            if probe:
                 try:
                     next_data = os.lseek(fd, offset, os.SEEK_DATA)
                 except OSError as exc:
                     # ENXIO: no data at or after ``offset``; anything else
                     # (filesystems without SEEK_DATA) means "assume data".
                     next_data = size if exc.errno == errno.ENXIO else offset
-            if next_data >= offset + length:
-                pipeline.submit(inode, offset, None, length)
-            else:
-                parts = []
-                got = 0
-                while got < length:
-                    try:
-                        piece = os.pread(fd, length - got, offset + got)
-                    except OSError as exc:
-                        raise BuildError(f"{shown}: read error at offset {offset + got}: {exc.strerror}") from None
-                    if not piece:
-                        raise BuildError(f"{shown}: file shrank while being read (expected {size} bytes, "
-                                         f"ended at {offset + got})")
-                    parts.append(piece)
-                    got += len(piece)
-                pipeline.submit(inode, offset, parts[0] if len(parts) == 1 else b"".join(parts))
-            offset += length
-    finally:
-        os.close(fd)
+                if next_data >= offset + length:
+                    return False
+            got = 0
+            while got < length:
+                try:
+                    n = os.preadv(fd, [view[got:] if got else view], offset + got)
+                except OSError as exc:
+                    raise BuildError(f"{display_path(parts)}: read error at offset {offset + got}: "
+                                     f"{exc.strerror}") from None
+                if not n:
+                    raise BuildError(f"{display_path(parts)}: file shrank while being read (expected "
+                                     f"{size} bytes, ended at {offset + got})")
+                got += n
+            return True
+        finally:
+            os.close(fd)
+    return read
+
+
+def _read_chunks_from_host(pipeline: ChunkPipeline, inode: Inode, parts: tuple[bytes, ...],
+                           chunk_size: int) -> None:
+    path = inode.source
+    size = inode.size
+    # A file whose allocated blocks cover its size has no holes worth a
+    # SEEK_DATA probe (a small hole read as zeros gives the same chunks).
+    probe = not inode.dense
+    for offset in range(0, size, chunk_size):
+        length = min(chunk_size, size - offset)
+        pipeline.submit_read(inode, offset, length, _host_chunk_reader(path, parts, offset, length, size, probe))
     inode.source = None
 
 
@@ -236,7 +265,7 @@ def chunk_files(pipeline: ChunkPipeline, files: Iterable[tuple[tuple[bytes, ...]
         if inode.size == 0:
             inode.source = None
             continue
-        _read_chunks_from_host(pipeline, inode, display_path(parts), chunk_size)
+        _read_chunks_from_host(pipeline, inode, parts, chunk_size)
 
 
 # -- tar -----------------------------------------------------------------------

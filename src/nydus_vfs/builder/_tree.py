@@ -104,13 +104,14 @@ class Inode:
     target length of symlinks (directories get theirs from the layout).
     ``chunks`` holds the file's chunks in file order once data was chunked;
     ``source`` is whatever the source needs to read the data later (a host
-    path for directory builds, ``None`` once chunked).  ``layer`` and ``origin``
-    identify where the inode came from, which ``merge`` uses to keep hardlinks
-    within a layer.
+    path for directory builds, ``None`` once chunked); ``dense`` says the
+    source knows the file has no holes, so reading it need not look for any.
+    ``layer`` and ``origin`` identify where the inode came from, which
+    ``merge`` uses to keep hardlinks within a layer.
     """
 
     __slots__ = ("mode", "uid", "gid", "mtime", "mtime_nsec", "rdev", "size", "xattrs",
-                 "symlink", "chunks", "source", "layer", "origin", "digest", "_v6_dir_size")
+                 "symlink", "chunks", "source", "layer", "origin", "digest", "dense", "_v6_dir_size")
 
     def __init__(self, mode: int, *, uid: int = 0, gid: int = 0, mtime: int = 0, mtime_nsec: int = 0,
                  rdev: int = 0, size: int = 0, xattrs: dict[bytes, bytes] | None = None,
@@ -130,6 +131,7 @@ class Inode:
         self.layer = layer
         self.origin = origin
         self.digest = b""
+        self.dense = False
 
     @property
     def kind(self) -> int:
@@ -154,6 +156,7 @@ class Inode:
                     source=self.source, layer=self.layer, origin=self.origin)
         new.chunks = list(self.chunks)
         new.digest = self.digest
+        new.dense = self.dense
         return new
 
 

@@ -27,7 +27,7 @@ from ..format.v5 import (RAFSV5_SUPERBLOCK_SIZE, InodeFlags, RafsV5BlobEntry, Ra
 from ..utils import digest_bytes as _digest
 from ..utils import new_hasher
 from ._layout import ImageSpec
-from ._tree import Indexed, index_order
+from ._tree import Indexed
 
 __all__ = ["build_v5_bootstrap", "v5_dir_size"]
 
@@ -76,7 +76,7 @@ def _digests(order: list[Indexed], digester: int) -> dict[int, bytes]:
 
 def build_v5_bootstrap(spec: ImageSpec) -> bytes:
     """Encode ``spec`` as a v5 bootstrap; every struct is written by its format class."""
-    order = index_order(spec.root)
+    order = spec.index_order()
     count = len(order)
     if count >= 1 << 32:
         raise BuildError(f"too many entries for RAFS v5: {count}")

@@ -149,3 +149,62 @@ def test_toc_names_fill_their_field():
     w.finish()
     raw = TocEntryList(w._toc).to_bytes()
     assert b"blob.meta.header" in raw and len(raw) == 4 * 128
+
+
+def test_chunk_data_larger_than_the_staging_buffers_is_written_in_order():
+    import os
+    import threading
+
+    from nydus_vfs.builder._blob import STAGE_BYTES
+    out, w = _writer(version=5, compressor=Compressor.NONE)
+    big = os.urandom(STAGE_BYTES * 2 + 123)          # spans three staging buffers at once
+    pieces = [b"head" * 1000, memoryview(big), bytes(range(256)) * 40] + [os.urandom(70_000) for _ in range(90)]
+    threads: dict[str, set[str]] = {"hash": set(), "write": set()}
+    stager = w._stager
+    real_hash, real_write = stager._hash_part, stager._write_part
+
+    def hash_part(buf, n):
+        threads["hash"].add(threading.current_thread().name)
+        real_hash(buf, n)
+
+    def write_part(buf, n):
+        threads["write"].add(threading.current_thread().name)
+        real_write(buf, n)
+
+    stager._hash_part, stager._write_part = hash_part, write_part
+    for i, raw in enumerate(pieces):
+        w.add_chunk(hashlib.sha256(raw).digest(), raw, False, len(raw))
+    w.seal()
+    blob_id = w.finish()
+    w.close()
+    data = out.getvalue()
+    assert data == b"".join(bytes(p) for p in pieces)
+    assert blob_id == hashlib.sha256(data).hexdigest() and w.size == len(data)
+    # Hashed and written behind, each on its own helper thread.
+    assert threads["hash"] and all(n.startswith("nydus-blob-hash") for n in threads["hash"])
+    assert threads["write"] and all(n.startswith("nydus-blob-write") for n in threads["write"])
+
+
+def test_a_failed_write_behind_is_reported_and_close_stops_the_helper():
+    import errno
+    import os
+    import threading
+
+    from nydus_vfs.builder._blob import STAGE_BYTES
+
+    class Full(io.BytesIO):
+        def write(self, data):
+            if self.tell() + len(data) > STAGE_BYTES:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    w = BlobWriter(Full(), blob_index=0, chunk_size=0x100000, compressor=Compressor.NONE,
+                   digester=Digester.BLAKE3, fs_version=5, aligned=False)
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(8):
+            raw = os.urandom(STAGE_BYTES // 2)
+            w.add_chunk(hashlib.sha256(raw).digest(), raw, False, len(raw))
+        w.seal()
+    w.close()
+    w.close()   # idempotent
+    assert not [t for t in threading.enumerate() if t.name.startswith("nydus-blob")]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import pytest
 
@@ -94,3 +95,42 @@ def test_prefetch_files_come_first_in_pattern_order():
     assert [p for p, _ in _prefetch_first(order, [(b"z",), (b"x", b"f")])] == \
         [(b"z", b"f"), (b"x", b"f"), (b"y", b"f")]
     assert [p for p, _ in _prefetch_first(order, [])] == [(b"x", b"f"), (b"y", b"f"), (b"z", b"f")]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("fails", [False, True])
+def test_build_pauses_the_garbage_collector_and_restores_it(tmp_path, monkeypatch, enabled, fails):
+    import gc
+
+    from nydus_vfs.builder import _build
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data" * 100)
+    seen = []
+    real = _build.load_directory
+
+    def spy(*a, **kw):
+        seen.append(gc.isenabled())
+        if fails:
+            raise BuildError("source vanished")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_build, "load_directory", spy)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        if fails:
+            with pytest.raises(BuildError, match="vanished"):
+                _build.build(str(src), BuildOptions(bootstrap=str(tmp_path / "boot"), blob_dir=str(tmp_path)))
+        else:
+            _build.build(str(src), BuildOptions(bootstrap=str(tmp_path / "boot"), blob_dir=str(tmp_path)))
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert seen == [False]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "src")
+    if fails:
+        assert left == []                      # nothing half-written
+    else:
+        assert "boot" in left and len(left) == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith(("nydus-chunk", "nydus-blob"))]

@@ -224,3 +224,108 @@ def test_digest_and_compression_release_the_gil(name):
     # Under a loaded machine the control picks up scheduling noise; a call that
     # really releases the GIL is still well above it.
     assert spins >= control + 20, (spins, control)
+
+
+class _CopyingSink(_Sink):
+    """A sink that may receive views: it copies them, as the blob writer does."""
+
+    copies_chunk_data = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: set[type] = set()
+
+    def add_chunk(self, digest, stored, compressed, usize):
+        self.types.add(type(stored))
+        return super().add_chunk(digest, bytes(stored), compressed, usize)
+
+
+def _reader(payload: bytes, calls: list | None = None):
+    def read(view):
+        if calls is not None:
+            calls.append(threading.current_thread().name)
+        if payload is None:
+            return False
+        view[:] = payload
+        return True
+    return read
+
+
+@pytest.mark.parametrize("compressor", [Compressor.NONE, Compressor.LZ4_BLOCK])
+def test_submit_read_fills_reused_buffers_without_corrupting_earlier_chunks(compressor):
+    # Far more data than the window, so batch buffers are recycled many times;
+    # every stored chunk must still be exactly its own payload.
+    payloads = [_data(30000 + 997 * i, i) for i in range(120)]
+    sink = _CopyingSink()
+    inodes = [Inode(0o100644) for _ in payloads]
+    calls: list[str] = []
+    with ChunkPipeline(sink, digester=Digester.BLAKE3, compressor=compressor, workers=2,
+                       max_inflight=200_000, batch_bytes=64_000) as p:
+        for inode, payload in zip(inodes, payloads):
+            p.submit_read(inode, 0, len(payload), _reader(payload, calls))
+        assert len(p._free) > 0   # consumed jobs gave their buffers back
+    assert len(sink.stored) == len(payloads)
+    from nydus_vfs.utils import digest_bytes
+    for (digest, stored, compressed, usize), payload in zip(sink.stored, payloads):
+        raw = decompress(stored, compressor, usize) if compressed else stored
+        assert raw == payload and digest == digest_bytes(Digester.BLAKE3, payload)
+        assert usize == len(payload)
+    assert [i.chunks[0].index for i in inodes] == list(range(len(payloads)))
+    # Raw chunks travel as views of the batch buffers; compressed ones are new bytes.
+    assert sink.types == ({memoryview} if compressor == Compressor.NONE else {bytes})
+    assert len(calls) == len(payloads) and all(name.startswith("nydus-chunk") for name in calls)
+
+
+def test_views_are_copied_for_sinks_that_keep_them():
+    payload = _data(5000, 1)
+    sink = _Sink()   # keeps what it is given, so it must get bytes
+    with ChunkPipeline(sink, digester=Digester.BLAKE3, compressor=Compressor.NONE, workers=2) as p:
+        p.submit_read(Inode(0o100644), 0, len(payload), _reader(payload))
+        p.submit_read(Inode(0o100644), 0, len(payload), _reader(payload[::-1]))
+    assert [type(s[1]) for s in sink.stored] == [bytes, bytes]
+    assert [s[1] for s in sink.stored] == [payload, payload[::-1]]
+
+
+def test_submit_read_hole_is_stored_as_zeros():
+    sink = _CopyingSink()
+    inode = Inode(0o100644)
+    with ChunkPipeline(sink, digester=Digester.SHA256, compressor=Compressor.NONE, workers=2) as p:
+        p.submit_read(inode, 0, 4096, _reader(None))
+        p.submit(inode, 4096, None, 4096)
+    assert len(sink.stored) == 1 and sink.stored[0][1] == bytes(4096)
+    assert inode.chunks[0].digest == inode.chunks[1].digest == hashlib.sha256(bytes(4096)).digest()
+    assert [c.file_offset for c in inode.chunks] == [0, 4096]
+
+
+def test_reader_errors_surface_in_chunk_order_after_earlier_chunks():
+    sink = _CopyingSink()
+    good, bad, later = Inode(0o100644), Inode(0o100644), Inode(0o100644)
+
+    def failing(view):
+        raise RuntimeError("cannot read the second file")
+
+    with pytest.raises(RuntimeError, match="second file"):
+        with ChunkPipeline(sink, digester=Digester.BLAKE3, compressor=Compressor.NONE, workers=2,
+                           batch_bytes=1) as p:
+            p.submit_read(good, 0, 100, _reader(b"a" * 100))
+            p.submit_read(bad, 0, 100, failing)
+            p.submit_read(later, 0, 100, _reader(b"c" * 100))
+    assert len(good.chunks) == 1 and bad.chunks == [] and later.chunks == []
+
+
+def test_submit_read_refuses_empty_chunks():
+    with ChunkPipeline(_Sink(), digester=Digester.BLAKE3, compressor=Compressor.NONE, workers=1) as p:
+        with pytest.raises(ValueError):
+            p.submit_read(Inode(0o100644), 0, 0, _reader(b""))
+
+
+def test_chunks_starting_a_file_share_the_sinks_record():
+    a = _data(3000, 5)
+    sink = _CopyingSink()
+    f1, f2 = Inode(0o100644), Inode(0o100644)
+    with ChunkPipeline(sink, digester=Digester.BLAKE3, compressor=Compressor.NONE, workers=1) as p:
+        p.submit(f1, 0, a)
+        p.submit(f2, 0, a)       # duplicate at offset 0: same record object
+        p.submit(f2, 3000, a)    # duplicate elsewhere: its own file offset
+    assert f1.chunks[0] is f2.chunks[0]
+    assert f2.chunks[1].file_offset == 3000 and f2.chunks[1].index == f1.chunks[0].index

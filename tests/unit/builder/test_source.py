@@ -193,3 +193,41 @@ def test_load_tar_value_ranges():
     with pytest.raises(BuildError, match="longer than 255"):
         with _pipeline() as p:
             load_tar(io.BytesIO(_tar([(info, data)])), p, chunk_size=4096)
+
+
+def test_only_files_with_unallocated_blocks_are_probed_for_holes(tmp_path, monkeypatch):
+    with open(tmp_path / "sparse", "wb") as f:
+        f.truncate(3 * 4096)
+        f.seek(4096)
+        f.write(b"y")
+    (tmp_path / "dense").write_bytes(b"d" * 3 * 4096)
+    root = load_directory(tmp_path)
+    sparse, dense = root.children[b"sparse"].inode, root.children[b"dense"].inode
+    if sparse.dense:
+        pytest.skip("this filesystem allocates blocks for holes")
+    assert dense.dense
+    probed = []
+    real = os.lseek
+
+    def lseek(fd, pos, how):
+        if how == os.SEEK_DATA:
+            probed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd, pos, how)
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    sink = _Sink()
+    with _pipeline(sink) as p:
+        chunk_files(p, [(e.path, e.node.inode) for e in index_order(root)], 4096)
+    assert probed and all(path.endswith("/sparse") for path in probed)
+    assert [c.digest == sparse.chunks[0].digest for c in sparse.chunks] == [True, False, True]
+    assert b"".join(sink.data[c.index] for c in dense.chunks) == b"d" * 3 * 4096
+
+
+def test_chunk_files_reports_an_unreadable_file_by_path(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"x" * 10)
+    root = load_directory(tmp_path)
+    os.unlink(tmp_path / "d" / "f")
+    with pytest.raises(BuildError, match=r"^/d/f: cannot open: No such file"):
+        with _pipeline() as p:
+            chunk_files(p, [(e.path, e.node.inode) for e in index_order(root)], 4096)

@@ -95,7 +95,9 @@ def test_walk_is_preorder_in_name_order():
 
 def test_inode_copy_is_detached():
     ino = Inode(0o100644, xattrs={b"user.a": b"1"})
+    ino.dense = True
     cp = ino.copy()
+    assert cp.dense and not Inode(0o100644).dense
     cp.xattrs[b"user.b"] = b"2"
     cp.chunks.append(None)  # type: ignore[arg-type]
     assert ino.xattrs == {b"user.a": b"1"} and ino.chunks == []
