@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator
 
 from ..errors import BuildError
+from ..format.blob import parse_tar_number
 
 __all__ = [
     "BLOCK",
@@ -77,20 +78,10 @@ def _field_str(raw: bytes) -> bytes:
 
 
 def _parse_number(raw: bytes, name: str, where: str) -> int:
-    if raw and raw[0] & 0x80:
-        # GNU base-256: 0x80 marks a positive and 0xff a negative big-endian value.
-        if raw[0] == 0x80:
-            return int.from_bytes(raw[1:], "big")
-        if raw[0] == 0xFF:
-            return int.from_bytes(raw, "big", signed=True)
-        raise BuildError(f"{where}: field {name} has an invalid base-256 marker 0x{raw[0]:02x}")
-    text = raw.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
     try:
-        return int(text, 8)
-    except ValueError:
-        raise BuildError(f"{where}: field {name} is not an octal number: {text[:24]!r}") from None
+        return parse_tar_number(raw)
+    except ValueError as exc:
+        raise BuildError(f"{where}: field {name}: {exc}") from None
 
 
 def _octal(value: int, width: int) -> bytes:

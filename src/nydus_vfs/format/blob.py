@@ -31,6 +31,7 @@ from ._common import EntryList, OnDisk, layout_slots
 from .types import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Compressor
 
 __all__ = [
+    "parse_tar_number",
     "BLOB_CCT_MAGIC",
     "BLOB_CCT_HEADER_SIZE",
     "TOC_FLAG_NONE",
@@ -443,20 +444,33 @@ class TocEntryList(EntryList):
         return None
 
 
-def _octal(raw: bytes, structure: str, field: str) -> int:
+def parse_tar_number(raw: bytes) -> int:
+    """A numeric tar header field: NUL/space-terminated octal, or GNU base-256.
+
+    Raises ValueError (with the reason) for anything else; callers turn it into
+    their own layer's error naming the field.
+    """
     if raw and raw[0] & 0x80:
-        # GNU base-256 for values that do not fit the octal digits.
-        value = raw[0] & 0x7F
-        for b in raw[1:]:
-            value = (value << 8) | b
-        return value
+        # GNU base-256: 0x80 marks a positive and 0xff a negative big-endian value.
+        if raw[0] == 0x80:
+            return int.from_bytes(raw[1:], "big")
+        if raw[0] == 0xFF:
+            return int.from_bytes(raw, "big", signed=True)
+        raise ValueError(f"invalid base-256 marker 0x{raw[0]:02x}")
     text = raw.split(b"\0", 1)[0].strip(b" ")
     if not text:
         return 0
     try:
         return int(text, 8)
     except ValueError:
-        raise FormatError(structure, field, raw, "not an octal number") from None
+        raise ValueError(f"not an octal number: {text[:24]!r}") from None
+
+
+def _octal(raw: bytes, structure: str, field: str) -> int:
+    try:
+        return parse_tar_number(raw)
+    except ValueError as exc:
+        raise FormatError(structure, field, raw, str(exc)) from None
 
 
 class TarHeader(OnDisk):

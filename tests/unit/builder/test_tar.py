@@ -129,7 +129,7 @@ def test_zero_block_ends_the_archive_and_bad_numbers_are_named():
     raw[124:136] = b"notoctal!!!\0"
     raw[148:156] = b" " * 8
     raw[148:156] = b"%06o\0 " % sum(raw)
-    with pytest.raises(BuildError, match="field size is not an octal number"):
+    with pytest.raises(BuildError, match="field size: not an octal number"):
         TarHeader.from_bytes(bytes(raw))
 
 
