@@ -9,6 +9,18 @@ after which :func:`unmount_fuse` detaches the mount.
 
 The FUSE server never sees the fd: this module is the only place that does
 ``/dev/fuse`` I/O, so the same server serves virtio-fs unchanged.
+
+Strategy for READ replies (``[header, FileSegment | bytes, ...]``), as libfuse
+does it: the header and any bytes go into a private pipe with ``write``, each
+file segment is ``splice``d from its file into the pipe (page references, no
+copy), and then the whole reply moves from the pipe to ``/dev/fuse`` in ONE
+``splice``: ``fuse_dev_splice_write`` takes exactly the bytes it is told and
+parses them as one reply, so the pipe must hold all of it.  That leaves one copy
+(pipe page into the request's page) instead of two (``pread`` into a Python
+bytes, ``writev`` out of it).  Whenever that path cannot be used for a reply
+(it would not fit in the pipe, a file refuses splice, the kernel refuses the
+final splice) the reply goes out by ``pread`` + ``writev`` instead, and a pipe
+left holding part of a reply is replaced so it never leaks into the next one.
 """
 
 from __future__ import annotations
@@ -17,10 +29,12 @@ import asyncio
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import stat as _stat
 import struct
+import termios
 
 from ..errors import TransportError
 from ..fuse.ops import FileSegment
@@ -40,6 +54,15 @@ _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 # The kernel refuses reads smaller than max_write plus room for the headers.
 _HEADROOM = 64 * 1024
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_HAVE_SPLICE = hasattr(os, "splice")
+_SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+# Python names these only from 3.10 on; the values are the Linux ABI.
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
+_FIONREAD_BUF = struct.Struct("i")
 
 
 def mount_fuse(mountpoint: str, *, readonly: bool = True, fsname: str = "rafs") -> int:
@@ -88,20 +111,79 @@ def is_mountpoint(path: str) -> bool:
         return False
 
 
+def _eio_reply(reply: list) -> bytes:
+    unique = struct.unpack_from("<Q", reply[0], 8)[0]
+    return struct.pack("<IiQ", 16, -errno.EIO, unique)
+
+
+class _ReplyPipe:
+    """The private pipe a spliced reply is assembled in.
+
+    Both ends are non-blocking, so a reply that turns out bigger than the pipe
+    makes ``splice``/``write`` fail with EAGAIN instead of stalling the loop.
+    ``slots`` is the capacity in pipe buffers: each buffer holds at most one
+    page, so that, not bytes, is what a reply has to fit in.
+    """
+
+    __slots__ = ("r", "w", "slots")
+
+    def __init__(self, want: int) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            size = fcntl.fcntl(self.w, _F_GETPIPE_SZ)
+            if want > size:
+                try:
+                    size = fcntl.fcntl(self.w, _F_SETPIPE_SZ, want)
+                except OSError as exc:
+                    # pipe-user-pages limits: work with the default size.
+                    log.debug("cannot grow the reply pipe to %d bytes: %s", want, exc)
+        except BaseException:
+            self.close()
+            raise
+        self.slots = size // _PAGE
+
+    def unread(self) -> int:
+        """Bytes still queued in the pipe (0 after a complete reply)."""
+        buf = fcntl.ioctl(self.r, termios.FIONREAD, b"\0" * _FIONREAD_BUF.size)
+        return _FIONREAD_BUF.unpack(buf)[0]
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open(_PIPE_MAX_SIZE, "rb") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 class FuseDevTransport:
     """Serves one ``/dev/fuse`` session on the running event loop.
 
     ``server`` is a :class:`nydus_vfs.fuse.FuseServer`; ``fd`` the session fd from
-    :func:`mount_fuse`.  :meth:`run` returns when the session ends.
+    :func:`mount_fuse`; ``bufsize`` the ``max_write`` granted to the kernel.
+    With ``splice`` (the default, where ``os.splice`` exists) replies carrying
+    file segments are spliced (see the module docstring); without it they are
+    read with ``pread`` and written with ``writev``.  Every reply goes out as one
+    write either way.  :meth:`run` returns when the session ends.
     """
 
-    def __init__(self, fd: int, server, *, bufsize: int) -> None:
+    def __init__(self, fd: int, server, *, bufsize: int, splice: bool = True) -> None:
         self.fd = fd
         self.server = server
         self._buf = bytearray(bufsize + _HEADROOM)
         self._view = memoryview(self._buf)
         self._done: asyncio.Future | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._splice = splice and _HAVE_SPLICE
+        # Room for the largest reply: max_write of data plus the header.
+        self._pipe_want = min(bufsize + _PAGE, _pipe_max_size())
+        self._pipe: _ReplyPipe | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -114,6 +196,7 @@ class FuseDevTransport:
             loop.remove_reader(self.fd)
             for t in list(self._tasks):
                 t.cancel()
+            self._drop_pipe()
 
     def stop(self) -> None:
         if self._done is not None and not self._done.done():
@@ -170,29 +253,131 @@ class FuseDevTransport:
 
     def _write(self, reply) -> None:
         if isinstance(reply, list):
-            parts = []
-            for item in reply:
-                if isinstance(item, FileSegment):
-                    data = os.pread(item.fd, item.length, item.offset)
-                    if len(data) != item.length:
-                        # Never pad: the reader would get silently wrong data.
-                        log.error("short read from cache fd %d at %d: %d of %d bytes",
-                                  item.fd, item.offset, len(data), item.length)
-                        unique = struct.unpack_from("<Q", reply[0], 8)[0]
-                        parts = [struct.pack("<IiQ", 16, -errno.EIO, unique)]
-                        break
-                    parts.append(data)
-                else:
-                    parts.append(item)
-            try:
-                os.writev(self.fd, parts)
-            except OSError as exc:
-                self._write_failed(exc)
+            if self._splice and self._write_spliced(reply):
+                return
+            self._write_copied(reply)
             return
         try:
             os.write(self.fd, reply)
         except OSError as exc:
             self._write_failed(exc)
+
+    def _write_copied(self, reply: list) -> bool:
+        """Send ``reply`` with ``pread`` + ``writev``; True when the kernel took it."""
+        parts = []
+        for item in reply:
+            if type(item) is FileSegment:
+                try:
+                    data = os.pread(item.fd, item.length, item.offset)
+                except OSError as exc:
+                    log.error("reading cache fd %d at %d failed: %s", item.fd, item.offset, exc)
+                    parts = [_eio_reply(reply)]
+                    break
+                if len(data) != item.length:
+                    # Never pad: the reader would get silently wrong data.
+                    log.error("short read from cache fd %d at %d: %d of %d bytes",
+                              item.fd, item.offset, len(data), item.length)
+                    parts = [_eio_reply(reply)]
+                    break
+                parts.append(data)
+            else:
+                parts.append(item)
+        try:
+            os.writev(self.fd, parts)
+        except OSError as exc:
+            self._write_failed(exc)
+            return False
+        return True
+
+    def _write_spliced(self, reply: list) -> bool:
+        """Send ``reply`` through the pipe; False when it must go by :meth:`_write_copied`.
+
+        True means the reply is dealt with: sent, answered with EIO (a file was
+        shorter than its segment), or dropped because the kernel no longer
+        waits for it.  False is returned before anything reached the session fd.
+        """
+        slots = 0
+        total = 0
+        has_segment = False
+        for item in reply:
+            if type(item) is FileSegment:
+                has_segment = True
+                if item.length:
+                    slots += (item.offset % _PAGE + item.length + _PAGE - 1) // _PAGE
+                total += item.length
+            else:
+                n = len(item)
+                # A write may start a fresh buffer rather than fill the last one.
+                slots += n // _PAGE + 1
+                total += n
+        if not has_segment:
+            return False
+        pipe = self._pipe
+        if pipe is None:
+            try:
+                pipe = self._pipe = _ReplyPipe(self._pipe_want)
+            except OSError as exc:
+                log.warning("no pipe for spliced replies (%s): copying replies instead", exc)
+                self._splice = False
+                return False
+        if slots > pipe.slots:
+            return False
+        w = pipe.w
+        try:
+            for item in reply:
+                if type(item) is FileSegment:
+                    fd, offset, left = item
+                    while left:
+                        n = os.splice(fd, w, left, offset_src=offset)
+                        if n == 0:
+                            # Never pad: the reader would get silently wrong data.
+                            log.error("short read from cache fd %d at %d: %d of %d bytes",
+                                      fd, item.offset, item.length - left, item.length)
+                            self._drop_pipe()
+                            self._send_error(reply)
+                            return True
+                        offset += n
+                        left -= n
+                else:
+                    view = memoryview(item)
+                    while view:
+                        view = view[os.write(w, view):]
+        except OSError as exc:
+            # The file cannot be spliced (or the pipe filled up after all):
+            # forget the half-built reply and copy this one.
+            log.debug("splicing a reply from a file failed (%s): copying it", exc)
+            self._drop_pipe()
+            return False
+        try:
+            sent = os.splice(pipe.r, self.fd, total, flags=_SPLICE_F_MOVE)
+        except OSError as exc:
+            if pipe.unread():
+                self._drop_pipe()
+            if exc.errno == errno.ENOENT:
+                return True  # interrupted: the kernel no longer waits for this reply
+            if not self._write_copied(reply):
+                return True
+            # The session fd takes writes but not this splice: stop trying.
+            log.info("splicing replies to the FUSE fd failed (%s): copying replies from now on", exc)
+            self._splice = False
+            self._drop_pipe()
+            return True
+        if sent != total:
+            # Only a stream peer splits a reply; /dev/fuse takes all or nothing.
+            log.error("spliced FUSE reply cut short: %d of %d bytes", sent, total)
+            self._drop_pipe()
+        return True
+
+    def _send_error(self, reply: list) -> None:
+        try:
+            os.write(self.fd, _eio_reply(reply))
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _drop_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
     def _write_failed(self, exc: OSError) -> None:
         # ENOENT: the request was interrupted and the kernel no longer waits for it.
