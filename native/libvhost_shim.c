@@ -119,7 +119,7 @@ enum {
 /* Types                                                                   */
 
 struct region {
-    uint64_t gpa, size, uva, mmap_offset;
+    uint64_t gpa, size, uva;
     uint8_t *host;
     void *map;
     size_t map_len;
@@ -163,7 +163,7 @@ struct queue {
     uint16_t last_avail, used_idx, signalled_used;
     bool signalled_valid;
     int kick_fd, call_fd, err_fd;
-    bool started, enabled, broken, throttled;
+    bool started, enabled, broken;
     uint32_t inflight;
     uint64_t *inflight_bits;
     struct slot *slots;
@@ -453,7 +453,6 @@ static struct region *region_map(const struct wire_region *w, int fd, const stru
     r->gpa = w->gpa;
     r->size = w->size;
     r->uva = w->uva;
-    r->mmap_offset = w->mmap_offset;
     r->map = map;
     r->map_len = (size_t)map_len;
     r->host = (uint8_t *)map + delta;
@@ -903,7 +902,6 @@ int vhs_queue_pop(vhs_dev *d, uint32_t qi, struct vhs_req *reqs, int max, int *s
         return -EINVAL;
     if (max <= 0 || !queue_running(q, d))
         return 0;
-    q->throttled = false;
     int n = 0;
     const uint32_t num = q->num;
     const bool event_idx = d->features & BIT(VHS_F_EVENT_IDX);
@@ -944,12 +942,7 @@ int vhs_queue_pop(vhs_dev *d, uint32_t qi, struct vhs_req *reqs, int max, int *s
         int rc = walk_chain(d, q, head, s);
         if (rc != WALK_OK) {
             slot_reset(d, s);
-            if (rc == WALK_THROTTLE) {
-                q->throttled = true;
-                *status |= VHS_POP_THROTTLED;
-            } else {
-                *status |= VHS_POP_BROKEN;
-            }
+            *status |= rc == WALK_THROTTLE ? VHS_POP_THROTTLED : VHS_POP_BROKEN;
             break;
         }
         if (s->in_total > d->cfg.max_in_bytes) {
@@ -1582,7 +1575,6 @@ static int handle_vring_fd(vhs_dev *d, int *ev)
          * guards against a pipe that is never drained blocking us. */
         set_nonblock(fd);
     }
-    uint32_t qi = (uint32_t)(q - d->q);
     switch (d->req) {
     case VU_SET_VRING_KICK:
         retire_fd(d, &q->kick_fd);
@@ -1608,7 +1600,6 @@ static int handle_vring_fd(vhs_dev *d, int *ev)
         q->err_fd = fd;
         break;
     }
-    (void)qi;
     return MSG_OK;
 }
 
@@ -1748,7 +1739,6 @@ static int handle_message(vhs_dev *d, int *ev)
             return rc;
         q->started = false;
         q->enabled = false;
-        q->throttled = false;
         retire_fd(d, &q->kick_fd);
         q->broken = false;
         q->err[0] = '\0';

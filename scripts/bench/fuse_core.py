@@ -210,9 +210,13 @@ def _discover(server: FuseServer, factory: FuseRequestFactory):
     while todo and seen < 2000:
         node = todo.pop()
         reply = server.handle(factory.opendir(node))
-        if codec.OutHeader.from_bytes(reply).error:
+        err = codec.OutHeader.from_bytes(reply).error
+        if err == -errno.ENOSYS:
+            fh = 0  # the filesystem skips OPENDIR (as Linux then does): no handle
+        elif err:
             continue
-        fh = codec.OpenOut.from_bytes(reply, 16).fh
+        else:
+            fh = codec.OpenOut.from_bytes(reply, 16).fh
         offset, count, children = 0, 0, []
         while True:
             reply = server.handle(factory.readdirplus(node, fh, offset, 4096))

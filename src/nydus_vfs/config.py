@@ -455,9 +455,6 @@ class _Ctx:
                     self.hints.append(f"unknown key {where!r}: did you mean {_join(path, close[0])!r}?")
         return value
 
-    def ignore(self, path: str) -> None:
-        self.unknown.append(path)
-
 
 def _get(d: dict[str, Any], key: str, path: str, default: Any) -> Any:
     if key in d:

@@ -295,6 +295,24 @@ def test_many_tiny_segments_in_one_request(guest):
     assert guest.reply_at(out) == (120, 0, guest.unique)
 
 
+def test_in_flight_budget_exhausted_by_one_kick_of_synchronous_requests(tmp_path):
+    """Three 12 KiB requests against a 16 KiB budget, one kick: all are answered without another."""
+    be = Backend(str(tmp_path / "vfs.sock"), config=binding.ShimConfig(max_inflight_bytes=16 << 10))
+    try:
+        g = Guest(be)
+        heads = []
+        for _ in range(3):
+            body = g.getattr_bytes()
+            heads.append(g.chain([(g.data(body), len(body), 0), (g.out(12 << 10), 12 << 10, 0),
+                                  (g.out(120), 120, WRITE)], kick=False))
+        g.q.kick()
+        # Each one is refused (in-header length != readable bytes): a 16-byte error reply.
+        assert [g.q.wait_for(h).used_len for h in heads] == [16, 16, 16]
+        g.close()
+    finally:
+        be.stop()
+
+
 def test_same_head_made_available_twice_while_in_flight(guest, caplog):
     fh = guest.fs.open(SLOW_ID).fh
     pending = guest.fs.submit(fw.read(SLOW_ID, fh, 0, 4096))

@@ -23,7 +23,7 @@ import sys
 
 from .._version import version_text
 from ..config import localfs_dir_config, parse_daemon_config
-from ..errors import ConfigError, NydusError, TransportError
+from ..errors import ConfigError, NydusError
 from ..utils.logging import setup_logging
 
 __all__ = ["main", "build_parser"]
@@ -112,8 +112,6 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--id and --supervisor must be given together")
     if args.shared_dir:
         raise ConfigError("--shared-dir (passthrough_fs) is not supported by this nydusd yet")
-    if args.bootstrap and args.shared_dir:
-        raise ConfigError("--bootstrap and --shared-dir cannot be used together")
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
 
@@ -250,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid configuration: %s", exc)
         print(f"nydusd: invalid configuration: {exc}", file=sys.stderr)
         return 1
-    except TransportError as exc:
-        log.error("%s", exc)
-        print(f"nydusd: {exc}", file=sys.stderr)
-        return 1
-    except NydusError as exc:
+    except NydusError as exc:  # TransportError, MountError, StorageError...
         log.error("%s", exc)
         print(f"nydusd: {exc}", file=sys.stderr)
         return 1

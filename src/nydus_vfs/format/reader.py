@@ -522,8 +522,9 @@ class BootstrapV5(Bootstrap):
         self.blobs = self._load_blobs(buf, sb)
         prefetch = RafsV5PrefetchTable.from_bytes(buf, sb.s_prefetch_table_offset, sb.s_prefetch_table_entries)
         self.prefetch_inodes = prefetch.inodes
-        if not self.inode(RAFSV5_ROOT_INODE).is_dir:
-            raise FormatError("RafsV5Inode", "i_mode", self.inode(RAFSV5_ROOT_INODE).mode, "root is not a directory")
+        root = self.inode(RAFSV5_ROOT_INODE)
+        if not root.is_dir:
+            raise FormatError("RafsV5Inode", "i_mode", root.mode, "root is not a directory")
 
     def _load_blobs(self, buf: Any, sb: RafsV5SuperBlock) -> list[BlobInfo]:
         table = RafsV5BlobTable.from_bytes(buf, sb.s_blob_table_offset, sb.s_blob_table_size)

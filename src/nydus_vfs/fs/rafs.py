@@ -93,7 +93,7 @@ class RafsFs:
         except FormatError as exc:
             log.error("%s: inode %d is corrupt: %s", self.source, ino, exc)
             raise FsError(errno.EIO) from None
-        except (KeyError, LookupError):
+        except LookupError:
             raise FsError(errno.ENOENT) from None
 
     def _make_attr(self, ino: int) -> Attr:
@@ -128,9 +128,16 @@ class RafsFs:
             raise FsError(errno.EIO) from None
 
     def children(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int, int]]:
-        """``(next_cookie, name, ino, dtype)`` from cookie ``start``; includes "." and ".."."""
+        """``(next_cookie, name, ino, dtype)`` from cookie ``start``; includes "." and "..".
+
+        ENOTDIR (or ENOENT/EIO for a bad inode) is raised by the call itself;
+        a directory found corrupt while iterating raises FsError(EIO) from the iterator.
+        """
         if not stat.S_ISDIR(self.attr(ino).mode):
             raise FsError(errno.ENOTDIR)
+        return self._iter_children(ino, start)
+
+    def _iter_children(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int, int]]:
         try:
             yield from self.bootstrap.children(ino, start)
         except FormatError as exc:
@@ -210,10 +217,7 @@ class RafsFs:
             return b""
         try:
             return await self.device.read(iovec)
-        except StorageError as exc:
-            log.error("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
-            raise FsError(errno.EIO) from None
-        except OSError as exc:
+        except (StorageError, OSError) as exc:
             log.error("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
             raise FsError(errno.EIO) from None
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import stat
 import time
 from collections import deque
@@ -63,9 +64,7 @@ class _PseudoNode:
         self.parent = parent
         self.children: dict[bytes, _PseudoNode] = {}
         self.mount: int | None = None  # instance index mounted here
-        now = time.time_ns()
-        self.attr = Attr(ino, stat.S_IFDIR | 0o755, size=4096, nlink=2, mtime=now // 10**9,
-                         mtimensec=now % 10**9)
+        self.attr = _dir_attr(self)
 
 
 class Vfs(Operations):
@@ -292,8 +291,6 @@ class Vfs(Operations):
         return await fs.read(local, offset, size)
 
     def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
-        import os
-
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EINVAL)

@@ -24,7 +24,7 @@ from ..errors import ConfigError, FormatError, FsError, NydusError
 from ..fs import RafsFs, Vfs, load_bootstrap
 from ..fuse import FuseServer
 from ..storage import BlobLayer, CacheSpec, LocalfsBackend
-from .state import DaemonState, DaemonStateMachine
+from .state import DaemonStateMachine
 
 __all__ = ["Daemon", "MountError", "backend_from_config", "cache_from_config"]
 
@@ -126,7 +126,3 @@ class Daemon:
                 self.umount(mountpoint)
             except MountError as exc:
                 log.warning("%s", exc)
-
-    @property
-    def state_name(self) -> str:
-        return self.state.state.name if isinstance(self.state.state, DaemonState) else str(self.state.state)

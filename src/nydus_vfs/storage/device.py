@@ -245,7 +245,7 @@ class BlobLayer:
             for state in states:
                 self._release(state)
             raise
-        return BlobDevice(self, list(blobs), states, backend, cache, digest_validate)
+        return BlobDevice(self, list(blobs), states, backend, cache, digest_validate, store_path=work_dir or "")
 
     def _acquire(self, backend: BlobBackend, work_dir: str | None, blob: BlobInfo) -> _BlobState:
         if work_dir is not None:
@@ -325,7 +325,7 @@ class BlobDevice:
     """
 
     def __init__(self, layer: BlobLayer, blobs: list[BlobInfo], states: list[_BlobState],
-                 backend: BlobBackend, cache: CacheSpec, digest_validate: bool) -> None:
+                 backend: BlobBackend, cache: CacheSpec, digest_validate: bool, *, store_path: str = "") -> None:
         self._layer = layer
         self.blobs = blobs
         self._states = states
@@ -337,7 +337,7 @@ class BlobDevice:
         self._validate_fetch = digest_validate or cache.validate
         self._closed = False
         self.metrics = BlobCacheMetrics(
-            store_path=os.path.realpath(cache.work_dir) if cache.persistent and cache.work_dir else "",
+            store_path=store_path,
             underlying_files=[s.cache.data_path for s in states if s.cache is not None],
         )
 
@@ -431,12 +431,12 @@ class BlobDevice:
                                              and chunk.uncompressed_offset not in state.verified):
                 return segment
             return self._checked_hit(index, chunk, offset, length, segment)
-        entry = self._layer._lru.get((state.key, chunk.uncompressed_offset, chunk.uncompressed_size))
+        key = (state.key, chunk.uncompressed_offset, chunk.uncompressed_size)
+        entry = self._layer._lru.get(key)
         if entry is None:
             return None
         data, validated = entry
         if self._validate_fetch and not validated:
-            key = (state.key, chunk.uncompressed_offset, chunk.uncompressed_size)
             try:
                 verify_chunk(data, self.blobs[index], chunk)
             except ChunkCorruptError:
@@ -485,7 +485,9 @@ class BlobDevice:
         """The decoded bytes of a checked chunk, fetched at most once at a time per blob state."""
         blob = self.blobs[index]
         state = self._states[index]
-        data, validated = await state.flights.run(chunk.uncompressed_offset,
+        # Keyed like the LRU: a follower must never receive a chunk of another size
+        # (possible only with hostile metadata), or its slice would come back short.
+        data, validated = await state.flights.run((chunk.uncompressed_offset, chunk.uncompressed_size),
                                                   lambda: self._fetch_and_store(index, chunk))
         if self._validate_fetch and not validated:
             # The leader was a device that does not validate; check its result for us.

@@ -37,6 +37,7 @@ import struct
 import termios
 
 from ..errors import TransportError
+from ..fuse.codec import OutHeader, error_reply
 from ..fuse.ops import FileSegment
 
 __all__ = ["FuseDevTransport", "mount_fuse", "unmount_fuse", "is_mountpoint"]
@@ -112,8 +113,8 @@ def is_mountpoint(path: str) -> bool:
 
 
 def _eio_reply(reply: list) -> bytes:
-    unique = struct.unpack_from("<Q", reply[0], 8)[0]
-    return struct.pack("<IiQ", 16, -errno.EIO, unique)
+    """EIO for the request ``reply`` (``[fuse_out_header, ...]``) answers."""
+    return error_reply(OutHeader.from_bytes(reply[0]).unique, errno.EIO)
 
 
 class _ReplyPipe:
@@ -224,9 +225,9 @@ class FuseDevTransport:
             if n == 0:
                 self.stop()
                 return
-            request = bytes(self._view[:n])
             try:
-                reply = self.server.handle(request)
+                # No copy: the server keeps nothing of the request once handle() returns.
+                reply = self.server.handle(self._view[:n])
             except Exception:  # the server promises not to raise; never let a bug end the session
                 log.exception("FUSE server raised on a request")
                 continue

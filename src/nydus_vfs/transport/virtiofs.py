@@ -318,7 +318,12 @@ class _Connection:
                 self.loop.call_soon(self._reconcile)  # stop watching its kicks
             if status & POP_THROTTLED:
                 self.throttled.add(q)
-            if not status & POP_MORE:
+            # Synchronous replies just freed what this batch held, and only
+            # asynchronous completions retry a throttled queue (_flush): pop
+            # again, or a guest whose requests are all answered at once waits
+            # for a kick it already sent.  An empty throttled pop means async
+            # tasks hold the budget, and their completion will come back here.
+            if not (status & POP_MORE or (status & POP_THROTTLED and reqs)):
                 return
             if q != _HIPRIO and _HIPRIO in self.running:
                 self._drain(_HIPRIO)

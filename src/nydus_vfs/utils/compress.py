@@ -53,6 +53,8 @@ def _zstd_pair() -> tuple[_zstd.ZstdCompressor, _zstd.ZstdDecompressor]:
     if pair is None:
         pair = _ZSTD_LOCAL.pair = (_zstd.ZstdCompressor(level=ZSTD_LEVEL), _zstd.ZstdDecompressor())
     return pair
+
+
 _ZSTD_UNKNOWN_SIZES = (_zstd.CONTENTSIZE_UNKNOWN, _zstd.CONTENTSIZE_ERROR)
 
 Buffer = bytes | bytearray | memoryview

@@ -413,6 +413,24 @@ def test_concurrent_reads_of_a_missing_chunk_fetch_once(tmp_path):
     run(main(filecache(tmp_path)))
 
 
+def test_concurrent_chunks_sharing_an_offset_get_their_own_bytes():
+    # Hostile metadata: two records claim the same uncompressed offset with
+    # different sizes.  Neither may be handed the other's bytes (a short read).
+    sb = make_blob([b"s" * 3000, b"L" * 6000], aligned=False, known_count=False)
+    small, large = sb.chunks[0], dataclasses.replace(sb.chunks[1], uncompressed_offset=0)
+
+    async def main():
+        backend = memory_backend(sb)
+        backend.gate = asyncio.Event()
+        device = BlobLayer().open_device([sb.info], backend, NOCACHE)
+        tasks = [asyncio.ensure_future(device.read(whole(c))) for c in (small, large)]
+        await asyncio.sleep(0)
+        backend.gate.set()
+        return [materialize(r) for r in await asyncio.gather(*tasks)]
+
+    assert run(main()) == sb.plain
+
+
 def test_a_failed_fetch_fails_all_waiters_and_the_next_read_retries(tmp_path):
     sb = make_blob([b"w" * 5000])
 
