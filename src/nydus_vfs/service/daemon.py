@@ -75,8 +75,10 @@ class Daemon:
                    prefetch_files: list[str] | None = None) -> RafsFs:
         """Load ``bootstrap_path`` with ``config`` and mount it at pseudo ``mountpoint``.
 
-        Raises MountError (with the reason) for a bad bootstrap, an unusable config
-        or a busy mountpoint; nothing is left half-mounted.
+        Raises MountError (with the reason) for a bad bootstrap or a busy
+        mountpoint, ConfigError for a config this daemon cannot serve (missing
+        sections, a backend or cache type not supported yet) and StorageError
+        when the blob cache cannot be set up; nothing is left half-mounted.
         """
         if prefetch_files:
             for p in prefetch_files:
