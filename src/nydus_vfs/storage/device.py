@@ -187,7 +187,9 @@ class _BlobState:
         self.cache = cache
         # Uncompressed offsets of cached chunks checked against their digest in
         # this process: a validating device serves them zero-copy afterwards.
-        self.verified: set[int] = set()
+        # (uncompressed_offset, digest): a record at the same offset with another
+        # digest is a different chunk and must be checked on its own.
+        self.verified: set[tuple[int, bytes]] = set()
 
 
 @dataclass(slots=True)
@@ -428,7 +430,7 @@ class BlobDevice:
             if segment is None:
                 return None
             if not self._check_hits and not (self.digest_validate
-                                             and chunk.uncompressed_offset not in state.verified):
+                                             and (chunk.uncompressed_offset, chunk.digest) not in state.verified):
                 return segment
             return self._checked_hit(index, chunk, offset, length, segment)
         key = (state.key, chunk.uncompressed_offset, chunk.uncompressed_size)
@@ -461,9 +463,9 @@ class BlobDevice:
             log.warning("cached copy of chunk %d of blob %s in %s is bad; fetching it again",
                         chunk.index, blob.blob_id, cache.data_path)
             cache.invalidate(chunk)
-            state.verified.discard(chunk.uncompressed_offset)
+            state.verified.discard((chunk.uncompressed_offset, chunk.digest))
             return None
-        state.verified.add(chunk.uncompressed_offset)
+        state.verified.add((chunk.uncompressed_offset, chunk.digest))
         if self._check_hits:
             # Serve the bytes just checked: a segment would read the file again.
             return data if offset == 0 and length == len(data) else data[offset:offset + length]
@@ -511,7 +513,7 @@ class BlobDevice:
         data = decode_chunk(raw, blob, chunk, validated)
         if state.cache is not None:
             if state.cache.store(chunk, data) and validated:
-                state.verified.add(chunk.uncompressed_offset)
+                state.verified.add((chunk.uncompressed_offset, chunk.digest))
         else:
             self._layer._lru.put((state.key, chunk.uncompressed_offset, chunk.uncompressed_size), data, validated)
         return data, validated

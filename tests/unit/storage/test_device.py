@@ -173,6 +173,19 @@ def test_without_validation_bad_bytes_pass_and_with_it_they_do_not(tmp_path):
         run(strict.read(whole(sb.chunks[0])))
 
 
+
+def test_a_record_at_a_verified_offset_with_another_digest_is_checked_again(tmp_path):
+    # Hostile metadata: a second record claims a chunk already verified in the
+    # cache, with a different digest.  It must not ride on the first one's check.
+    sb = make_blob([b"V" * 6000], compressor=Compressor.NONE)
+    good = sb.chunks[0]
+    liar = dataclasses.replace(good, digest=bytes(b ^ 0xFF for b in good.digest))
+    device = BlobLayer().open_device([sb.info], memory_backend(sb), filecache(tmp_path), digest_validate=True)
+    assert read(device, whole(good)) == sb.plain[0]
+    with pytest.raises(ChunkCorruptError, match="digest mismatch"):
+        run(device.read(whole(liar)))
+    assert read(device, whole(good)) == sb.plain[0]
+
 def test_cache_validate_refetches_a_damaged_cache_file(tmp_path, caplog):
     sb = make_blob([b"q" * 5000, b"r" * 5000])
     backend = memory_backend(sb)
