@@ -134,8 +134,13 @@ class LocalfsBackend(BlobBackend):
             )
         return data
 
+    def _check_known(self, blob_id: str, offset: int, size: int) -> None:
+        # Per-chunk path: an id already opened was checked when it was opened.
+        if blob_id not in self._files or self._closed or offset < 0 or size < 0:
+            self._check_args(blob_id, offset, size)
+
     def read_sync(self, blob_id: str, offset: int, size: int) -> bytes:
-        self._check_args(blob_id, offset, size)
+        self._check_known(blob_id, offset, size)
         started = time.monotonic()
         try:
             data = self._pread(blob_id, offset, size)
@@ -147,7 +152,7 @@ class LocalfsBackend(BlobBackend):
 
     def file_segment(self, blob_id: str, offset: int, size: int) -> FileSegment:
         """The range as a segment of the blob file itself (checked to lie inside it)."""
-        self._check_args(blob_id, offset, size)
+        self._check_known(blob_id, offset, size)
         return FileSegment(self._checked_range(blob_id, offset, size), offset, size)
 
     async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
