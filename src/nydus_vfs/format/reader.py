@@ -67,6 +67,7 @@ from .v5 import (
     RafsV5ChunkInfo,
     RafsV5ExtBlobTable,
     RafsV5Inode,
+    RafsV5InodeRecord,
     RafsV5InodeTable,
     RafsV5PrefetchTable,
     RafsV5SuperBlock,
@@ -519,12 +520,38 @@ class BootstrapV5(Bootstrap):
         self.inodes_count = sb.s_inodes_count
         self._table = RafsV5InodeTable.from_bytes(buf, sb.s_inode_table_offset, sb.s_inode_table_entries).entries
         self._max_ino = self.max_ino = sb.s_inode_table_entries
+        self._check_records_inside()
         self.blobs = self._load_blobs(buf, sb)
         prefetch = RafsV5PrefetchTable.from_bytes(buf, sb.s_prefetch_table_offset, sb.s_prefetch_table_entries)
         self.prefetch_inodes = prefetch.inodes
         root = self.inode(RAFSV5_ROOT_INODE)
         if not root.is_dir:
             raise FormatError("RafsV5Inode", "i_mode", root.mode, "root is not a directory")
+
+    def _check_records_inside(self) -> None:
+        """Refuse a bootstrap whose inode records do not all lie inside it (a truncated file).
+
+        The superblock does not record where the records end, so the last one is
+        found through the table (its largest offset, one C-level ``max``) and
+        decoded whole: name, symlink, xattrs and chunks must fit in the file.
+        Upstream nydusd maps the same file and would fault on the first access to
+        a missing record; refusing at load names the cause instead.
+        """
+        table = self._table
+        last = max(table)
+        slot = table.index(last) + 1
+        off = RafsV5InodeTable.check_entry(slot, last, self._size)
+        try:
+            record = RafsV5InodeRecord.from_bytes(self._buf, off)
+        except FormatError as exc:
+            raise FormatError("RafsV5InodeTable", f"entries[{slot - 1}]", last,
+                              f"the last inode record (at {off:#x}) runs past the end of the "
+                              f"{self._size:#x}-byte bootstrap (truncated?): {exc.field}: {exc.reason}") from None
+        end = off + record.size
+        if end > self._size:
+            raise FormatError("RafsV5InodeTable", f"entries[{slot - 1}]", last,
+                              f"the last inode record ends at {end:#x}, past the end of the "
+                              f"{self._size:#x}-byte bootstrap (truncated?)")
 
     def _load_blobs(self, buf: Any, sb: RafsV5SuperBlock) -> list[BlobInfo]:
         table = RafsV5BlobTable.from_bytes(buf, sb.s_blob_table_offset, sb.s_blob_table_size)
