@@ -38,8 +38,11 @@ _CHUNK_CACHE_MAX = 4096
 class RafsFs:
     """A RAFS instance: the bootstrap and the blob device that serves its chunks.
 
-    ``enable_xattr`` follows the upstream config key: when False, GETXATTR and
-    LISTXATTR answer ENOSYS (the kernel then stops asking), as nydusd does.
+    Xattrs are served when ``enable_xattr`` (the upstream config key) is set *or*
+    the image says it carries any (the superblock's ``HAS_XATTR`` flag, v5 and v6
+    alike), as nydusd's ``xattr_supported()`` does; :attr:`xattr_supported` holds
+    the result.  Otherwise GETXATTR and LISTXATTR answer ENOSYS (the kernel then
+    stops asking).
     The instance owns ``device`` and closes it in :meth:`close`.
     """
 
@@ -48,6 +51,7 @@ class RafsFs:
         self.bootstrap = bootstrap
         self.device = device
         self.enable_xattr = enable_xattr
+        self.xattr_supported = bool(enable_xattr or bootstrap.has_xattr)
         self.source = source
         self.root_ino: int = bootstrap.root_ino
         self.chunk_size: int = bootstrap.chunk_size
@@ -145,7 +149,7 @@ class RafsFs:
             raise FsError(errno.EIO) from None
 
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
-        if not self.enable_xattr:
+        if not self.xattr_supported:
             raise FsError(errno.ENOSYS)
         self.attr(ino)
         try:
