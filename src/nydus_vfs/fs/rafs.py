@@ -27,6 +27,7 @@ from ..errors import FormatError, FsError, StorageError
 from ..format import Bootstrap, NoSuchInodeError, blob_id_from_meta_path
 from ..format.types import ChunkInfo
 from ..fuse.ops import Attr, Context, ReadData, StatFs
+from ..utils.ratelog import LogLimiter
 
 __all__ = ["RafsFs"]
 
@@ -59,6 +60,7 @@ class RafsFs:
         self._override_ids = None if bootstrap.explicit_uid_gid else (os.geteuid(), os.getegid())
         self._attrs: dict[int, Attr] = {}
         self._chunks: OrderedDict[int, tuple[list[int], list[ChunkInfo]]] = OrderedDict()
+        self._limiter = LogLimiter(log)
 
     # -- construction helpers ----------------------------------------------------
     @classmethod
@@ -222,7 +224,12 @@ class RafsFs:
         try:
             return await self.device.read(iovec)
         except (StorageError, OSError) as exc:
-            log.error("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
+            if getattr(exc, "logged", False):
+                # The storage layer logged the chunk and reason (once, rate-limited).
+                log.debug("%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
+            else:
+                self._limiter.log(logging.ERROR, (ino, type(exc).__name__),
+                             "%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
             raise FsError(errno.EIO) from None
 
     # -- permission check for ACCESS (only sent without default_permissions) ----------

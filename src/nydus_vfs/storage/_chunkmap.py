@@ -29,9 +29,10 @@ Two kinds, chosen per blob by the cache:
   trusted), keyed by the chunk's uncompressed range and not persisted, like
   nydusd's ``DigestedChunkMap``.
 
-Durability: bits are set in a shared mapping after the chunk data was written
-with ``pwrite``; neither is fsync'ed (as nydusd).  After a machine crash a bit
-may survive its data; ``CacheSpec.validate`` exists for operators who care.
+Durability: the cache sets a bit only after the chunk's data was written *and*
+``fdatasync``-ed (see ``cache.BlobCacheFile``), so a bit that reaches the disk,
+whenever the kernel writes the shared mapping back, never claims bytes that did
+not.  The map itself is not synced: losing a bit only costs a refetch.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -53,6 +55,7 @@ __all__ = [
     "ChunkMapHeader",
     "IndexedChunkMap",
     "MemoryChunkMap",
+    "open_regular",
 ]
 
 log = logging.getLogger("nydus_vfs.storage")
@@ -100,6 +103,40 @@ class ChunkMapHeader:
         return packed + bytes(CHUNK_MAP_HEADER_SIZE - len(packed))
 
 
+def open_regular(path: str, what: str) -> int:
+    """Open (creating) ``path`` read-write, non-blocking, and require a regular file.
+
+    ``O_NONBLOCK`` keeps a FIFO or device planted at the path from blocking
+    the daemon in ``open``; anything but a regular file is then refused with
+    ``StorageError`` naming the path and what it is.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open {what} {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        os.close(fd)
+        raise StorageError(f"cannot stat {what} {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise StorageError(f"{what} {path} is not a regular file ({_kind(mode)}); remove it or "
+                           "choose another cache work_dir")
+    # Regular files ignore O_NONBLOCK, but keep the flags plain for pread/pwrite users.
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return f"mode {mode:o}"
+
+
 def map_file_size(chunk_count: int) -> int:
     return CHUNK_MAP_HEADER_SIZE + (chunk_count + 7) // 8
 
@@ -122,10 +159,7 @@ class IndexedChunkMap:
         self.chunk_count = chunk_count
         self.discarded: str | None = None
         size = map_file_size(chunk_count)
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StorageError(f"cannot open chunk map {path}: {exc.strerror}") from None
+        self._fd = open_regular(path, "chunk map")
         try:
             reason = self._check_existing(size)
             if reason is not None:

@@ -28,6 +28,7 @@ before it stores, and never stores data that failed a check.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import OrderedDict
@@ -37,12 +38,14 @@ from dataclasses import dataclass
 from ..errors import ConfigError, StorageError
 from ..format.types import BlobFeatures, BlobInfo, ChunkInfo
 from ..utils.io import FileSegment
-from ._chunkmap import IndexedChunkMap, MemoryChunkMap
+from ..utils.ratelog import LogLimiter
+from ._chunkmap import IndexedChunkMap, MemoryChunkMap, open_regular
 from .backend.base import check_blob_id
 
 __all__ = ["CACHE_KINDS", "CacheSpec", "BlobCacheFile", "ChunkLRU"]
 
 log = logging.getLogger("nydus_vfs.storage")
+_limiter = LogLimiter(log)
 
 # RAFS v6 caps a blob's uncompressed size at 2^44 (reference §2.5).
 _MAX_DATA_SIZE = 1 << 44
@@ -89,22 +92,53 @@ def _needs_memory_map(blob: BlobInfo) -> bool:
 class BlobCacheFile:
     """The file cache of one blob: data file plus chunk map (see the module docstring).
 
-    Raises ``StorageError`` when the files cannot be created.  A chunk map
-    whose data file is missing or shorter than the blob is reset, since its
-    "ready" bits would point at holes.
+    Raises ``StorageError`` when the files cannot be created or are not
+    regular files.  A chunk map whose data file is missing or shorter than the
+    blob is reset, since its "ready" bits would point at holes.
+
+    Durability (crash-safe ordering): a stored chunk is first written with
+    ``pwrite`` and kept in :attr:`unsynced` (served from there in this
+    process); only after an ``fdatasync`` of the data file returned does its
+    bit go into the persisted chunk map.  A crash at any point therefore
+    loses at most the bits of chunks written since the last sync, never
+    claims bytes that are not on disk.  The sync runs in a worker thread when
+    an event loop is running (batched: after ``SYNC_CHUNKS`` chunks,
+    ``SYNC_BYTES`` bytes or ``SYNC_DELAY`` seconds), inline otherwise, and
+    always in :meth:`flush` / :meth:`close`.
+
+    A full disk (or any write failure) makes caching of that chunk fail with
+    one warning per episode; reads go on from the backend.  A data file found
+    shorter than a chunk it is supposed to hold (truncated by someone else)
+    is a miss: every chunk is forgotten and fetched again, with a warning
+    naming the file.
     """
 
-    __slots__ = ("blob_id", "data_path", "map_path", "fd", "size", "map", "closed")
+    SYNC_CHUNKS = 64
+    SYNC_BYTES = 8 << 20
+    SYNC_DELAY = 0.5
+
+    __slots__ = ("blob_id", "data_path", "map_path", "fd", "size", "map", "closed", "unsynced",
+                 "_unsynced_bytes", "_want", "_syncing", "_timer", "_write_error", "failed_writes",
+                 "entries_count", "repairs")
 
     def __init__(self, work_dir: str, blob: BlobInfo) -> None:
         self.blob_id = check_blob_id(blob.blob_id)
         self.data_path = os.path.join(work_dir, f"{blob.blob_id}.blob.data")
         self.map_path = self.data_path + ".chunk_map"
         self.closed = False
-        try:
-            self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise StorageError(f"cannot open cache file {self.data_path}: {exc.strerror}") from None
+        #: Chunks written but not yet known durable: chunk index (or range) -> chunk.
+        self.unsynced: dict[object, ChunkInfo] = {}
+        self._unsynced_bytes = 0
+        self._want = 0
+        self._syncing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._write_error: str | None = None
+        self.failed_writes = 0
+        #: Chunks stored by this process (nydusd's ``entries_count``).
+        self.entries_count = 0
+        #: How often a shrunken data file was found and the map reset.
+        self.repairs = 0
+        self.fd = open_regular(self.data_path, "cache file")
         try:
             found = os.fstat(self.fd).st_size
             self.size = found
@@ -140,6 +174,8 @@ class BlobCacheFile:
         """Make the data file at least ``end`` bytes (sparse); ``StorageError`` past 2^44."""
         if end > _MAX_DATA_SIZE:
             raise StorageError(f"blob {self.blob_id}: uncompressed size {end} exceeds the RAFS limit")
+        if end > self._want:
+            self._want = end
         if end > self.size:
             try:
                 os.ftruncate(self.fd, end)
@@ -147,11 +183,47 @@ class BlobCacheFile:
                 raise StorageError(f"cannot size cache file {self.data_path} to {end}: {exc.strerror}") from None
             self.size = end
 
+    # -- reading --------------------------------------------------------------------
+    def _key(self, chunk: ChunkInfo) -> object:
+        return chunk.index if self.map.chunk_count else (chunk.uncompressed_offset, chunk.uncompressed_size)
+
+    def is_cached(self, chunk: ChunkInfo) -> bool:
+        """Whether ``chunk`` is in the cache (durably or written by this process); no I/O."""
+        return self.map.is_ready(chunk) or (bool(self.unsynced) and self._key(chunk) in self.unsynced)
+
     def lookup(self, chunk: ChunkInfo, offset: int, length: int) -> FileSegment | None:
-        """The cached range of ``chunk`` as a segment, or None when not cached."""
-        if self.map.is_ready(chunk) and chunk.uncompressed_offset + chunk.uncompressed_size <= self.size:
+        """The cached range of ``chunk`` as a segment, or None when not cached.
+
+        The data file's current size is checked (one ``fstat``) so a file
+        truncated behind our back is a miss and gets repaired, never a short
+        read for the transport.
+        """
+        if self.closed or not self.is_cached(chunk):
+            return None
+        end = chunk.uncompressed_offset + chunk.uncompressed_size
+        try:
+            actual = os.fstat(self.fd).st_size
+        except OSError:
+            return None
+        if end <= actual:
             return FileSegment(self.fd, chunk.uncompressed_offset + offset, length)
+        self._repair_shrunk(actual, end)
         return None
+
+    def _repair_shrunk(self, actual: int, needed: int) -> None:
+        self.repairs += 1
+        _limiter.log(logging.WARNING, ("shrunk", self.data_path),
+                     "cache file %s is %d bytes but holds a chunk ending at %d (was it truncated?); "
+                     "forgetting its %d cached chunks and fetching them again from the backend",
+                     self.data_path, actual, needed, self.map.ready_count + len(self.unsynced))
+        self.map.reset()
+        self.unsynced.clear()
+        self._unsynced_bytes = 0
+        self.size = actual
+        try:
+            self.grow(self._want)
+        except StorageError as exc:
+            log.warning("%s", exc)
 
     def read_chunk(self, chunk: ChunkInfo) -> bytes:
         """The whole cached chunk (for validation); raises ``StorageError`` on I/O failure."""
@@ -160,11 +232,14 @@ class BlobCacheFile:
         except OSError as exc:
             raise StorageError(f"cannot read cache file {self.data_path}: {exc.strerror}") from None
 
+    # -- writing --------------------------------------------------------------------
     def store(self, chunk: ChunkInfo, data: bytes) -> bool:
-        """Write a *validated or trusted* chunk and mark it ready; False if it could not be kept.
+        """Write a *validated or trusted* chunk; False if it could not be kept.
 
-        A full disk or any other write failure is logged and otherwise ignored:
-        the caller still has the bytes, only caching is lost.
+        The chunk is readable from the cache at once; its map bit is set
+        once the data is synced (see the class docstring).  A full disk or
+        any other write failure is logged once per episode and otherwise
+        ignored: the caller still has the bytes, only caching is lost.
         """
         if self.closed:
             return False
@@ -172,24 +247,133 @@ class BlobCacheFile:
         try:
             self.grow(end)
             written = os.pwrite(self.fd, data, chunk.uncompressed_offset)
-        except (OSError, StorageError) as exc:
-            log.warning("cannot cache chunk %d of blob %s in %s: %s", chunk.index, self.blob_id,
-                        self.data_path, exc)
+        except OSError as exc:
+            self._write_failed(chunk, exc.strerror or str(exc))
+            return False
+        except StorageError as exc:
+            self._write_failed(chunk, str(exc))
             return False
         if written != len(data):
-            log.warning("short write caching chunk %d of blob %s in %s (%d of %d bytes)",
-                        chunk.index, self.blob_id, self.data_path, written, len(data))
+            self._write_failed(chunk, f"short write ({written} of {len(data)} bytes; disk full?)")
             return False
-        self.map.set_ready(chunk)
+        self.entries_count += 1
+        if not isinstance(self.map, IndexedChunkMap):
+            self.map.set_ready(chunk)  # not persisted: nothing to order against
+            self._recovered()
+            return True
+        self.unsynced[self._key(chunk)] = chunk
+        self._unsynced_bytes += len(data)
+        self._schedule_sync()
         return True
+
+    def _recovered(self) -> None:
+        if self._write_error is not None:
+            log.info("caching in %s works again (%d chunks were not cached meanwhile)",
+                     self.data_path, self.failed_writes)
+            self._write_error = None
+            self.failed_writes = 0
+
+    def _write_failed(self, chunk: ChunkInfo, reason: str) -> None:
+        self.failed_writes += 1
+        if self._write_error is None:
+            self._write_error = reason
+            log.warning("cannot cache chunk %d of blob %s in %s: %s; reading from the backend "
+                        "without caching until writes succeed again", chunk.index, self.blob_id,
+                        self.data_path, reason)
+
+    def _schedule_sync(self) -> None:
+        if self._syncing or not self.unsynced:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()  # no loop: nothing to keep responsive, make it durable now
+            return
+        if len(self.unsynced) >= self.SYNC_CHUNKS or self._unsynced_bytes >= self.SYNC_BYTES:
+            self._start_sync(loop)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.SYNC_DELAY, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if not self.closed and not self._syncing and self.unsynced:
+            self._start_sync(loop)
+
+    def _start_sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = list(self.unsynced.items())
+        self._syncing = True
+        try:
+            future = loop.run_in_executor(None, os.fdatasync, self.fd)
+        except RuntimeError:  # executor shut down (loop closing): sync here
+            self._syncing = False
+            self.flush()
+            return
+        future.add_done_callback(lambda f: self._synced(batch, f))
+
+    def _synced(self, batch: list, future: asyncio.Future) -> None:
+        self._syncing = False
+        if self.closed:
+            return  # close() synced and marked everything itself
+        exc = future.exception() if not future.cancelled() else OSError("sync cancelled")
+        self._commit(batch, exc)
+        self._schedule_sync()
+
+    def _commit(self, batch: list, exc: BaseException | None) -> None:
+        """Set the map bits of ``batch`` after a sync (or forget the chunks if it failed)."""
+        for key, chunk in batch:
+            if self.unsynced.get(key) is not chunk:
+                continue  # invalidated or repaired meanwhile
+            del self.unsynced[key]
+            self._unsynced_bytes -= chunk.uncompressed_size
+            if exc is None:
+                self.map.set_ready(chunk)
+        if exc is None and batch:
+            self._recovered()
+        if not self.unsynced:
+            self._unsynced_bytes = 0
+        if exc is not None:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            self.failed_writes += len(batch)
+            if self._write_error is None:
+                self._write_error = reason
+                log.warning("cannot sync cache file %s (%s): %d chunks not kept; reading from the "
+                            "backend without caching until writes succeed again",
+                            self.data_path, reason, len(batch))
+
+    def flush(self) -> None:
+        """Sync the data file now and record every chunk written so far in the chunk map."""
+        if self.closed or not self.unsynced:
+            return
+        batch = list(self.unsynced.items())
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._commit(batch, exc)
+            return
+        self._commit(batch, None)
 
     def invalidate(self, chunk: ChunkInfo) -> None:
         if not self.closed:
+            dropped = self.unsynced.pop(self._key(chunk), None)
+            if dropped is not None:
+                self._unsynced_bytes -= dropped.uncompressed_size
             self.map.clear(chunk)
+
+    @property
+    def all_ready(self) -> bool:
+        """Whether every chunk of the blob is durably cached."""
+        return self.map.all_ready
 
     def close(self) -> None:
         if self.closed:
             return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
         self.closed = True
         self.map.close()
         os.close(self.fd)

@@ -17,8 +17,13 @@ Per chunk, a miss runs the decode pipeline once (single flight): read
 yet) -> decompress with the *blob's* compressor if the chunk is compressed ->
 check the size -> if validating, check CRC-32C when the chunk has one, else the
 digest under the blob's digester -> store (file cache or LRU) -> serve.  Bad
-data raises :class:`~nydus_vfs.errors.ChunkCorruptError` (and is logged) and is
-never stored.
+data raises :class:`~nydus_vfs.errors.ChunkCorruptError` and is never stored.
+
+Logging of failures: a failed chunk is logged here, once per (blob, chunk,
+reason) and rate-limited with a count (``utils.ratelog``); the exception then
+carries ``logged = True`` so the filesystem layer does not log it again.  A
+cache problem that is repaired (bad or missing cached bytes fetched again) is
+a WARNING, a chunk that cannot be served an ERROR.
 
 Hot path: a warm file-cache read returns :class:`FileSegment` objects after a
 few dict/list lookups and a bit test, without any ``await`` that suspends, so
@@ -41,6 +46,7 @@ from ..format.types import BlobFeatures, BlobInfo, ChunkFlags, ChunkInfo, Cipher
 from ..utils.compress import decompress
 from ..utils.digest import crc32c, digest_bytes
 from ..utils.io import FileSegment
+from ..utils.ratelog import LogLimiter
 from ._singleflight import SingleFlight
 from .backend.base import BlobBackend
 from .cache import BlobCacheFile, CacheSpec, ChunkLRU
@@ -127,7 +133,6 @@ def _corrupt(blob: BlobInfo, chunk: ChunkInfo, what: str, expected: str | None =
     err.chunk_index = chunk.index
     err.expected = expected
     err.actual = actual
-    log.error("corrupt chunk data: %s", msg)
     return err
 
 
@@ -135,8 +140,8 @@ def verify_chunk(data: bytes, blob: BlobInfo, chunk: ChunkInfo) -> None:
     """Check decoded ``data`` against the chunk's CRC-32C (preferred, as nydusd) or digest.
 
     A chunk without a CRC and with an empty or all-zero digest (tarfs,
-    external blobs) has nothing to check against and passes.  Raises (and
-    logs) ``ChunkCorruptError`` with both values in hex.
+    external blobs) has nothing to check against and passes.  Raises
+    ``ChunkCorruptError`` with both values in hex (the device logs it).
     """
     if chunk.flags & _HAS_CRC32:
         actual_crc = crc32c(data)
@@ -156,7 +161,7 @@ def decode_chunk(raw: bytes, blob: BlobInfo, chunk: ChunkInfo, validate: bool) -
 
     ``raw`` is what the backend returned for ``compressed_size`` bytes at
     ``compressed_offset``; :func:`check_chunk` must have accepted the chunk.
-    Raises (and logs) ``ChunkCorruptError``.
+    Raises ``ChunkCorruptError`` (the device logs it).
     """
     if chunk.flags & _COMPRESSED:
         try:
@@ -338,6 +343,7 @@ class BlobDevice:
         # Whatever goes into a validating cache must have been checked too.
         self._validate_fetch = digest_validate or cache.validate
         self._closed = False
+        self._limiter = LogLimiter(log)
         self.metrics = BlobCacheMetrics(
             store_path=store_path,
             underlying_files=[s.cache.data_path for s in states if s.cache is not None],
@@ -389,7 +395,11 @@ class BlobDevice:
                 piece = self._hit(index, chunk, offset, length)
                 if piece is None:
                     whole_hit = False
-                    piece = await self._miss(index, chunk, offset, length)
+                    try:
+                        piece = await self._miss(index, chunk, offset, length)
+                    except StorageError as exc:
+                        self._report(index, chunk, exc)
+                        raise
                 else:
                     self.metrics.partial_hits += 1
             if out and type(piece) is FileSegment:
@@ -459,9 +469,10 @@ class BlobDevice:
             if len(data) != chunk.uncompressed_size:
                 raise _corrupt(blob, chunk, "cached chunk is short", str(chunk.uncompressed_size), str(len(data)))
             verify_chunk(data, blob, chunk)
-        except ChunkCorruptError:
-            log.warning("cached copy of chunk %d of blob %s in %s is bad; fetching it again",
-                        chunk.index, blob.blob_id, cache.data_path)
+        except ChunkCorruptError as exc:
+            self._limiter.log(logging.WARNING, (blob.blob_id, chunk.index, "cached copy bad"),
+                         "cached copy of chunk %d of blob %s in %s is bad (%s); fetching it again",
+                         chunk.index, blob.blob_id, cache.data_path, exc)
             cache.invalidate(chunk)
             state.verified.discard((chunk.uncompressed_offset, chunk.digest))
             return None
@@ -471,10 +482,30 @@ class BlobDevice:
             return data if offset == 0 and length == len(data) else data[offset:offset + length]
         return segment
 
+    def _report(self, index: int, chunk: ChunkInfo, exc: StorageError) -> None:
+        """Log a chunk that could not be served: once per chunk and reason, rate-limited."""
+        if getattr(exc, "logged", False):
+            return
+        blob_id = self.blobs[index].blob_id
+        key = (blob_id, chunk.index, chunk.uncompressed_offset, type(exc).__name__)
+        if isinstance(exc, ChunkCorruptError):  # its message names blob and chunk already
+            self._limiter.log(logging.ERROR, key, "corrupt chunk data: %s", exc)
+        else:
+            self._limiter.log(logging.ERROR, key, "cannot read chunk %d of blob %s (compressed %#x+%d): %s",
+                              chunk.index, blob_id, chunk.compressed_offset, chunk.compressed_size, exc)
+        try:
+            exc.logged = True  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+
     async def _miss(self, index: int, chunk: ChunkInfo, offset: int, length: int) -> bytes | FileSegment:
         blob = self.blobs[index]
         check_chunk(blob, chunk)
         state = self._states[index]
+        if state.verified:
+            # A cached copy may have been dropped (bad bytes, a shrunken file):
+            # whatever replaces it gets checked afresh.
+            state.verified.discard((chunk.uncompressed_offset, chunk.digest))
         if state.cache is None and not self._validate_fetch and not chunk.flags & _COMPRESSED:
             # Stored raw in a local file: serve straight from the blob, no copy.
             segment = self.backend.file_segment(blob.blob_id, chunk.compressed_offset + offset, length)

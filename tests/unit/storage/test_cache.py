@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 
@@ -126,3 +128,141 @@ def test_lru_is_bounded_in_bytes_and_evicts_oldest():
     assert len(lru) == 1 and lru.used == 1
     lru.discard(("t", 1))
     assert len(lru) == 0 and lru.used == 0
+
+
+# -- durability, repair, disk full, file types (issue 7 items 5 and 9) ------------------
+
+def _map_bit(cache: BlobCacheFile, index: int) -> bool:
+    """Whether chunk ``index`` is marked ready in the chunk map *file* (what a restart sees)."""
+    with open(cache.map_path, "rb") as f:
+        f.seek(4096 + index // 8)
+        return bool(f.read(1)[0] & (0x80 >> (index % 8)))
+
+
+def test_a_chunk_is_marked_only_after_its_data_was_synced(tmp_path, monkeypatch):
+    sb = make_blob([b"a" * 5000, b"b" * 5000])
+    events = []
+    real_sync = os.fdatasync
+
+    def recording_sync(fd):
+        # At sync time the data is written but the map must not claim it yet.
+        events.append(("sync", _map_bit(cache, 0)))
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_sync)
+    cache = BlobCacheFile(str(tmp_path), sb.info)
+    assert cache.store(sb.chunks[0], sb.plain[0])      # no event loop: synced inline
+    assert events == [("sync", False)]
+    assert _map_bit(cache, 0) and not _map_bit(cache, 1)
+    cache.close()
+
+
+def test_a_crash_between_write_and_sync_never_claims_the_chunk(tmp_path, monkeypatch):
+    sb = make_blob([b"a" * 5000, b"b" * 5000])
+    monkeypatch.setattr(BlobCacheFile, "SYNC_DELAY", 3600)  # the batch is not due: the "crash" comes first
+
+    async def main():
+        cache = BlobCacheFile(str(tmp_path), sb.info)
+        assert cache.store(sb.chunks[0], sb.plain[0])
+        assert cache.lookup(sb.chunks[0], 0, 10) is not None   # served in this process
+        assert not _map_bit(cache, 0)
+        # Crash: nothing is closed or flushed; a restarted daemon opens the files.
+        again = BlobCacheFile(str(tmp_path), sb.info)
+        assert again.lookup(sb.chunks[0], 0, 10) is None
+        again.close()
+        cache.flush()
+        assert _map_bit(cache, 0)
+        cache.close()
+
+    asyncio.run(main())
+
+
+def test_batched_sync_runs_off_the_loop_and_sets_the_bits(tmp_path, monkeypatch):
+    sb = make_blob([bytes([i]) * 3000 for i in range(5)])
+    monkeypatch.setattr(BlobCacheFile, "SYNC_DELAY", 0.01)
+
+    async def main():
+        cache = BlobCacheFile(str(tmp_path), sb.info)
+        for c, p in zip(sb.chunks, sb.plain):
+            assert cache.store(c, p)
+        assert cache.unsynced
+        while cache.unsynced:
+            await asyncio.sleep(0.01)
+        assert all(_map_bit(cache, i) for i in range(5))
+        assert cache.all_ready
+        cache.close()
+
+    asyncio.run(main())
+
+
+def test_a_failed_sync_forgets_the_chunks_with_one_warning(tmp_path, monkeypatch, caplog):
+    sb = make_blob([b"a" * 5000, b"b" * 5000])
+
+    def failing_sync(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    cache = BlobCacheFile(str(tmp_path), sb.info)
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs.storage"):
+        cache.store(sb.chunks[0], sb.plain[0])
+        cache.store(sb.chunks[1], sb.plain[1])
+    assert cache.lookup(sb.chunks[0], 0, 1) is None and cache.lookup(sb.chunks[1], 0, 1) is None
+    assert not _map_bit(cache, 0)
+    assert caplog.text.count("cannot sync cache file") == 1
+    cache.close()
+
+
+def test_disk_full_degrades_with_one_warning_and_recovers(tmp_path, monkeypatch, caplog):
+    sb = make_blob([bytes([i]) * 3000 for i in range(4)])
+    cache = BlobCacheFile(str(tmp_path), sb.info)
+    real_pwrite = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level(logging.INFO, logger="nydus_vfs.storage"):
+        assert not cache.store(sb.chunks[0], sb.plain[0])
+        assert not cache.store(sb.chunks[1], sb.plain[1])
+        assert not cache.store(sb.chunks[2], sb.plain[2])
+        monkeypatch.setattr(os, "pwrite", real_pwrite)
+        assert cache.store(sb.chunks[3], sb.plain[3])
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0].getMessage()
+    assert "works again (3 chunks were not cached" in caplog.text
+    assert cache.lookup(sb.chunks[3], 0, 1) is not None and cache.lookup(sb.chunks[0], 0, 1) is None
+    cache.close()
+
+
+def test_a_shrunken_data_file_is_a_miss_and_the_map_is_reset(tmp_path, caplog):
+    sb = make_blob([b"a" * 5000, b"b" * 5000])
+    cache = BlobCacheFile(str(tmp_path), sb.info)
+    cache.store(sb.chunks[0], sb.plain[0])
+    cache.store(sb.chunks[1], sb.plain[1])
+    os.truncate(cache.data_path, 4096)   # someone else truncates it while in use
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs.storage"):
+        assert cache.lookup(sb.chunks[1], 0, 10) is None
+    assert cache.data_path in caplog.text and "fetching them again" in caplog.text
+    assert cache.lookup(sb.chunks[0], 0, 10) is None        # every chunk forgotten
+    assert os.path.getsize(cache.data_path) == sb.info.uncompressed_size   # regrown
+    assert not _map_bit(cache, 0) and not _map_bit(cache, 1)
+    assert cache.store(sb.chunks[1], sb.plain[1])
+    seg = cache.lookup(sb.chunks[1], 0, 5000)
+    assert os.pread(seg.fd, seg.length, seg.offset) == sb.plain[1]
+    cache.close()
+
+
+@pytest.mark.parametrize("which", ["data", "map"])
+def test_a_fifo_at_a_cache_path_is_refused_without_blocking(tmp_path, which):
+    sb = make_blob([b"a" * 10])
+    name = f"{sb.blob_id}.blob.data" + (".chunk_map" if which == "map" else "")
+    os.mkfifo(tmp_path / name)
+    with pytest.raises(StorageError, match="is not a regular file \\(a FIFO\\)"):
+        BlobCacheFile(str(tmp_path), sb.info)
+
+
+def test_a_device_at_a_cache_path_is_refused(tmp_path):
+    sb = make_blob([b"a" * 10])
+    os.symlink("/dev/null", tmp_path / f"{sb.blob_id}.blob.data")
+    with pytest.raises(StorageError, match="not a regular file \\(a character device\\)"):
+        BlobCacheFile(str(tmp_path), sb.info)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -575,3 +576,102 @@ def test_failed_open_releases_what_it_acquired(tmp_path):
     with pytest.raises(StorageError):
         layer.open_device([good.info, bad.info], InMemoryBackend({}), filecache(tmp_path))
     assert len(layer) == 0
+
+
+# -- persistence, repair and failure logging (issue 9 item 2, issue 7 items 9 and 10) ------
+
+def test_restarted_layer_serves_everything_from_the_cache_with_zero_backend_bytes(tmp_path):
+    sb = make_blob([os.urandom(3000) for _ in range(6)])
+    cache = filecache(tmp_path)
+
+    async def first():
+        backend = memory_backend(sb)
+        device = BlobLayer().open_device([sb.info], backend, cache)
+        for c in sb.chunks:
+            materialize(await device.read(whole(c)))
+        device.close()   # batched syncs still pending are completed here
+        return backend
+
+    assert len(run(first()).reads) == 6
+    backend2 = memory_backend(sb)
+    device2 = BlobLayer().open_device([sb.info], backend2, cache)
+    assert [read(device2, whole(c)) for c in sb.chunks] == sb.plain
+    assert backend2.metrics.read_amount_total == 0 and backend2.attempts == 0
+    device2.close()
+
+
+def test_a_shrunken_cache_file_is_refetched_not_a_permanent_error(tmp_path, caplog):
+    sb = make_blob([os.urandom(5000), os.urandom(5000)])
+    backend = memory_backend(sb)
+    device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path))
+    assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    data_path = tmp_path / "cache" / f"{sb.blob_id}.blob.data"
+    os.truncate(data_path, 100)
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs.storage"):
+        assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    assert len(backend.reads) == 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(data_path) in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # Repaired: served from the cache again.
+    assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    assert len(backend.reads) == 4
+    device.close()
+
+
+def test_a_shrunken_cache_file_with_validation_is_refetched(tmp_path):
+    sb = make_blob([os.urandom(5000), os.urandom(5000)])
+    backend = memory_backend(sb)
+    device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path, validate=True), True)
+    assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    os.truncate(tmp_path / "cache" / f"{sb.blob_id}.blob.data", 0)
+    assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    assert len(backend.reads) == 4
+    device.close()
+
+
+def test_disk_full_cache_reads_from_the_backend_with_one_warning(tmp_path, monkeypatch, caplog):
+    sb = make_blob([bytes([i]) * 3000 for i in range(5)])
+    backend = memory_backend(sb)
+    device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path))
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs.storage"):
+        for _ in range(2):
+            assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    assert len(backend.reads) == 10
+    assert len(caplog.records) == 1 and "No space left on device" in caplog.records[0].getMessage()
+    device.close()
+
+
+def test_a_failing_chunk_is_logged_once_however_often_it_is_read(tmp_path, caplog):
+    sb = make_blob([os.urandom(5000), os.urandom(5000)])
+    bad = bytearray(sb.data)
+    bad[sb.chunks[1].compressed_offset + 3] ^= 0xFF
+    backend = InMemoryBackend({sb.blob_id: bytes(bad)})
+    device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path), True)
+    with caplog.at_level(logging.DEBUG, logger="nydus_vfs"):
+        for _ in range(50):
+            with pytest.raises(ChunkCorruptError):
+                run(device.read([(sb.chunks[1], 100, 10)]))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"chunk 1" in errors[0].getMessage()
+    device.close()
+
+
+def test_failures_of_many_chunks_are_rate_limited_with_a_count(tmp_path, caplog):
+    sb = make_blob([os.urandom(300) for _ in range(100)])
+    backend = memory_backend(sb)
+    device = BlobLayer().open_device([sb.info], backend, NOCACHE)
+    backend.fail_next(100, retryable=False)
+    with caplog.at_level(logging.DEBUG, logger="nydus_vfs"):
+        for c in sb.chunks:
+            with pytest.raises(StorageError):
+                run(device.read(whole(c)))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert 1 <= len(errors) <= 20
+    assert device._limiter.suppressed == 100 - len(errors)
+    device.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -114,7 +115,7 @@ def test_truncated_blob_is_a_short_read(tmp_path):
     backend = LocalfsBackend(dir=d)
     run(backend.blob_size(A))  # opened and sized at full length
     os.truncate(d / A, 10)
-    with pytest.raises(BackendError, match="short read") as info:
+    with pytest.raises(BackendError, match="truncated while in use") as info:
         backend.read_sync(A, 0, 100)
     assert not info.value.retryable
     assert backend.metrics.read_errors == 1
@@ -138,3 +139,45 @@ def test_directory_in_place_of_a_blob(blob_dir):
     backend = LocalfsBackend(dir=blob_dir)
     with pytest.raises(BackendError):
         run(backend.read("e" * 64, 0, 1))
+
+
+# -- short reads say what happened (issue 7 item 9) -------------------------------------
+
+def test_a_short_read_cut_by_an_io_error_reports_the_error_not_truncation(blob_dir, monkeypatch):
+    backend = LocalfsBackend(dir=blob_dir)
+    assert run(backend.read(A, 0, 10)) == DATA_A[:10]   # opened
+    real = os.pread
+    calls = []
+
+    def flaky(fd, n, off):
+        calls.append((n, off))
+        if len(calls) == 1:
+            return real(fd, 100, off)                       # a legal short read...
+        raise OSError(errno.EIO, os.strerror(errno.EIO))    # ...cut short by EIO
+
+    monkeypatch.setattr(os, "pread", flaky)
+    with pytest.raises(BackendError) as info:
+        run(backend.read(A, 0, 1000))
+    msg = str(info.value)
+    assert "Input/output error" in msg and "after 100 bytes" in msg
+    assert "truncated" not in msg
+    backend.close()
+
+
+def test_short_reads_that_complete_are_not_errors(blob_dir, monkeypatch):
+    backend = LocalfsBackend(dir=blob_dir)
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: real(fd, min(n, 300), off))
+    assert run(backend.read(A, 5, 1000)) == DATA_A[5:1005]
+    backend.close()
+
+
+def test_a_file_truncated_while_in_use_is_named_as_such(blob_dir):
+    backend = LocalfsBackend(dir=blob_dir)
+    assert run(backend.read(A, 0, 10)) == DATA_A[:10]
+    os.truncate(blob_dir / A, 500)
+    with pytest.raises(BackendError) as info:
+        run(backend.read(A, 0, 1000))
+    msg = str(info.value)
+    assert "after 500 of 1000 bytes" in msg and "now 500 bytes" in msg and f"{len(DATA_A)} bytes when opened" in msg
+    backend.close()

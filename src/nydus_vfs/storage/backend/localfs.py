@@ -126,13 +126,38 @@ class LocalfsBackend(BlobBackend):
         except OSError as exc:
             raise backend_error_from_os(exc, f"localfs: read blob {blob_id} [{offset}, +{size})") from None
         if len(data) != size:
-            # The file shrank under us: blobs are meant to be immutable.
-            raise BackendError(
-                f"localfs: blob {blob_id}: short read at offset {offset}: got {len(data)} of {size} bytes "
-                "(was the blob file truncated?)",
-                retryable=False,
-            )
+            return self._finish_short(fd, blob_id, offset, size, data)
         return data
+
+    def _finish_short(self, fd: int, blob_id: str, offset: int, size: int, first: bytes) -> bytes:
+        """Complete a short ``pread`` (legal, e.g. on network filesystems) or say why it cannot be.
+
+        Reading on from where it stopped either succeeds, fails with the
+        errno that cut it short (reported as such), or hits end of file: then
+        the file really is shorter now than when it was opened.
+        """
+        parts = [first]
+        got = len(first)
+        while got < size:
+            try:
+                more = os.pread(fd, size - got, offset + got)
+            except OSError as exc:
+                raise backend_error_from_os(
+                    exc, f"localfs: read blob {blob_id} [{offset}, +{size}) failed after {got} bytes") from None
+            if not more:
+                try:
+                    now = f"{os.fstat(fd).st_size} bytes"
+                except OSError as exc:
+                    now = f"of unknown size ({exc.strerror})"
+                opened = self._files[blob_id][1] if blob_id in self._files else -1
+                raise BackendError(
+                    f"localfs: blob {blob_id}: end of file after {got} of {size} bytes at offset {offset}: "
+                    f"the file is now {now}, it was {opened} bytes when opened (truncated while in use)",
+                    retryable=False,
+                )
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
 
     def _check_known(self, blob_id: str, offset: int, size: int) -> None:
         # Per-chunk path: an id already opened was checked when it was opened.
