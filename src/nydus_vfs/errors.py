@@ -13,6 +13,8 @@ Names say who is at fault and whether trying again can help:
                        do), ``ChunkCorruptError`` that the data came back but is wrong.
 * ``TransportError``   the FUSE or vhost-user peer broke the protocol or went away.
 * ``BuildError``       the builder refused its input (an entry is named).
+* ``ConvertError``     converting or publishing an image failed (the layer,
+                       blob or registry answer is named).
 
 Every error is also an instance of the matching stdlib type where one exists
 (``ValueError``, ``OSError``, ``TimeoutError``) so callers can catch either.
@@ -36,6 +38,7 @@ __all__ = [
     "LocalProtocolError",
     "RemoteProtocolError",
     "BuildError",
+    "ConvertError",
 ]
 
 
@@ -133,3 +136,7 @@ class RemoteProtocolError(TransportError):
 
 class BuildError(NydusError, ValueError):
     """The image builder refused its input; the message names the entry."""
+
+
+class ConvertError(NydusError):
+    """Converting an image (pack / merge / unpack, nydusify) failed; the message names the layer or blob."""

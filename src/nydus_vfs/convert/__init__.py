@@ -1,0 +1,78 @@
+"""The image converter as a library: OCI layers to Nydus layers and back (nydus-surface.md §5).
+
+* owns: nydus-snapshotter's converter API in Python (seed 004): the media
+  types and annotation names, :class:`PackOption` / :class:`MergeOption`,
+  :func:`pack` (an OCI layer tar stream to a nydus blob layer, the "reverse
+  tar" of rafs-format.md §4.2), :func:`merge` (the layers' bootstraps into
+  the image's bootstrap, blob ids = layer digests), :func:`unpack` (a nydus
+  blob layer back to an OCI tar), and the descriptor tests
+  :func:`is_nydus_blob` / :func:`is_nydus_bootstrap`.
+* does not own: RAFS building (it drives :mod:`nydus_vfs.builder`
+  in-process, as upstream drives ``nydus-image``), registries and manifests
+  (``nydusify``).
+
+Errors: :class:`~nydus_vfs.errors.ConvertError`, naming the entry, layer or
+section at fault.
+"""
+
+from ._pack import PackResult as PackResult
+from ._pack import blob_meta_file as blob_meta_file
+from ._pack import merge as merge
+from ._pack import pack as pack
+from ._pack import read_layer_section as read_layer_section
+from ._pack import unpack as unpack
+from ._types import BOOTSTRAP_FILE_NAME_IN_LAYER as BOOTSTRAP_FILE_NAME_IN_LAYER
+from ._types import LAYER_ANNOTATION_FS_VERSION as LAYER_ANNOTATION_FS_VERSION
+from ._types import LAYER_ANNOTATION_NYDUS_BLOB as LAYER_ANNOTATION_NYDUS_BLOB
+from ._types import LAYER_ANNOTATION_NYDUS_BLOB_DIGEST as LAYER_ANNOTATION_NYDUS_BLOB_DIGEST
+from ._types import LAYER_ANNOTATION_NYDUS_BLOB_IDS as LAYER_ANNOTATION_NYDUS_BLOB_IDS
+from ._types import LAYER_ANNOTATION_NYDUS_BLOB_SIZE as LAYER_ANNOTATION_NYDUS_BLOB_SIZE
+from ._types import LAYER_ANNOTATION_NYDUS_BOOTSTRAP as LAYER_ANNOTATION_NYDUS_BOOTSTRAP
+from ._types import LAYER_ANNOTATION_NYDUS_ENCRYPTED_BLOB as LAYER_ANNOTATION_NYDUS_ENCRYPTED_BLOB
+from ._types import LAYER_ANNOTATION_NYDUS_REFERENCE_BLOB_IDS as LAYER_ANNOTATION_NYDUS_REFERENCE_BLOB_IDS
+from ._types import LAYER_ANNOTATION_NYDUS_SOURCE_CHAINID as LAYER_ANNOTATION_NYDUS_SOURCE_CHAINID
+from ._types import LAYER_ANNOTATION_UNCOMPRESSED as LAYER_ANNOTATION_UNCOMPRESSED
+from ._types import MANIFEST_NYDUS_CACHE as MANIFEST_NYDUS_CACHE
+from ._types import MANIFEST_OS_FEATURE_NYDUS as MANIFEST_OS_FEATURE_NYDUS
+from ._types import MEDIA_TYPE_NYDUS_BLOB as MEDIA_TYPE_NYDUS_BLOB
+from ._types import MEDIA_TYPE_NYDUS_CONFIG as MEDIA_TYPE_NYDUS_CONFIG
+from ._types import MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT as MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT
+from ._types import Backend as Backend
+from ._types import Layer as Layer
+from ._types import MergeOption as MergeOption
+from ._types import PackOption as PackOption
+from ._types import UnpackOption as UnpackOption
+from ._types import is_nydus_blob as is_nydus_blob
+from ._types import is_nydus_bootstrap as is_nydus_bootstrap
+
+__all__ = [
+    "MANIFEST_OS_FEATURE_NYDUS",
+    "MEDIA_TYPE_NYDUS_BLOB",
+    "BOOTSTRAP_FILE_NAME_IN_LAYER",
+    "MANIFEST_NYDUS_CACHE",
+    "LAYER_ANNOTATION_FS_VERSION",
+    "LAYER_ANNOTATION_NYDUS_BLOB",
+    "LAYER_ANNOTATION_NYDUS_BLOB_DIGEST",
+    "LAYER_ANNOTATION_NYDUS_BLOB_SIZE",
+    "LAYER_ANNOTATION_NYDUS_BLOB_IDS",
+    "LAYER_ANNOTATION_NYDUS_BOOTSTRAP",
+    "LAYER_ANNOTATION_NYDUS_SOURCE_CHAINID",
+    "LAYER_ANNOTATION_NYDUS_REFERENCE_BLOB_IDS",
+    "LAYER_ANNOTATION_UNCOMPRESSED",
+    "LAYER_ANNOTATION_NYDUS_ENCRYPTED_BLOB",
+    "MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT",
+    "MEDIA_TYPE_NYDUS_CONFIG",
+    "Backend",
+    "Layer",
+    "PackOption",
+    "MergeOption",
+    "UnpackOption",
+    "PackResult",
+    "pack",
+    "merge",
+    "unpack",
+    "read_layer_section",
+    "blob_meta_file",
+    "is_nydus_blob",
+    "is_nydus_bootstrap",
+]
