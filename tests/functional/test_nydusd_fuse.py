@@ -22,6 +22,7 @@ import pytest
 
 from tests.conftest import PROJECT_ROOT, linked_blob_dir, requires_fuse
 from tests.functional.nydusd_helpers import NYDUSD, Nydusd, write_localfs_config
+from tests.unit.format.format_factory import BLOB_A, BLOB_B, build_v5, d, file_of
 
 pytestmark = [requires_fuse]
 
@@ -134,13 +135,15 @@ def test_corrupt_blob_gives_eio_for_that_file_only(tmp_path, v5_vector):
     assert "digest" in log.lower() and "7334a259" in log
 
 
-@pytest.mark.parametrize("kind", ["garbage", "truncated", "empty", "bad-magic-v6"])
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "truncated-records", "empty", "bad-magic-v6"])
 def test_bad_bootstraps_are_refused_with_a_clear_message(tmp_path, v5_vector, v6_vector, kind):
     raw = v5_vector["boots"][0].read_bytes()
     if kind == "garbage":
         data = bytes(range(256)) * 64
     elif kind == "truncated":
         data = raw[:8192 + 100]
+    elif kind == "truncated-records":
+        data = raw[:9000]  # every table fits; the inode records do not
     elif kind == "empty":
         data = b""
     else:
@@ -158,6 +161,29 @@ def test_bad_bootstraps_are_refused_with_a_clear_message(tmp_path, v5_vector, v6
     assert "bad.boot" in r.stderr and "not a valid RAFS image" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not os.path.ismount(mnt)
+
+
+def test_fifo_at_a_blob_path_gives_eio_and_the_daemon_keeps_serving(tmp_path):
+    # Two files in two blobs; blob A's path holds a FIFO (nothing ever writes to it).
+    image = d({b"a": file_of(10, blob=0), b"b": file_of(10, blob=1)})
+    boot = tmp_path / "two.boot"
+    boot.write_bytes(build_v5(image))
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    os.mkfifo(blob_dir / BLOB_A)
+    with open(blob_dir / BLOB_B, "wb") as fh:
+        fh.write(b"B-contents")
+        fh.truncate(16 * 0x100000)  # the size the blob table records
+    cfg = write_localfs_config(tmp_path / "c.json", blob_dir, tmp_path / "cache", digest_validate=False)
+    with Nydusd(tmp_path, ["--bootstrap", str(boot), "--config", str(cfg)]) as daemon:
+        for _ in range(2):
+            # A reader in another process, so a frozen daemon fails the test instead of hanging it.
+            r = subprocess.run(["cat", str(daemon.mnt / "a")], capture_output=True, timeout=20)
+            assert r.returncode != 0 and b"Input/output error" in r.stderr, r
+            assert (daemon.mnt / "b").read_bytes() == b"B-contents"
+        assert daemon.alive()
+        log = daemon.logtext()
+    assert "FIFO" in log and str(blob_dir / BLOB_A) in log
 
 
 def test_invalid_config_is_refused_at_start(tmp_path, v5_vector):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
+import threading
 
 import pytest
 
@@ -180,4 +182,71 @@ def test_a_file_truncated_while_in_use_is_named_as_such(blob_dir):
         run(backend.read(A, 0, 1000))
     msg = str(info.value)
     assert "after 500 of 1000 bytes" in msg and "now 500 bytes" in msg and f"{len(DATA_A)} bytes when opened" in msg
+
+
+def _read_with_deadline(backend, blob_id, fifo=None, seconds: float = 5.0):
+    """``read_sync(blob_id, 0, 1)`` on a thread; fail (after unblocking it) if it hangs.
+
+    A blocked ``open`` of a FIFO is released by opening the FIFO's write end,
+    so a regression fails this test instead of hanging the run.
+    """
+    outcome: list = []
+
+    def work():
+        try:
+            outcome.append(backend.read_sync(blob_id, 0, 1))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        if fifo is not None:
+            wfd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(wfd)
+        t.join(5)
+        pytest.fail(f"reading blob {blob_id} did not return within {seconds} s (blocked in open/read)")
+    return outcome[0]
+
+
+def test_fifo_at_a_blob_path_is_refused_promptly(blob_dir):
+    fifo = blob_dir / ("f" * 64)
+    os.mkfifo(fifo)
+    backend = LocalfsBackend(dir=blob_dir)
+    err = _read_with_deadline(backend, "f" * 64, fifo)
+    assert isinstance(err, BackendError) and not err.retryable, err
+    assert str(fifo) in str(err) and "FIFO" in str(err)
+    assert "f" * 64 not in backend._files  # nothing half-open is kept
+    # The other blobs of the same backend are still served.
+    assert backend.read_sync(A, 0, 4) == DATA_A[:4]
+    backend.close()
+
+
+@pytest.mark.parametrize("kind", ["socket", "directory", "chardev"])
+def test_non_regular_files_at_a_blob_path_say_what_they_are(blob_dir, kind, monkeypatch):
+    name = "9" * 64
+    path = blob_dir / name
+    if kind == "socket":
+        monkeypatch.chdir(blob_dir)  # the full path is longer than sun_path allows
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(name)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    backend = LocalfsBackend(dir=blob_dir)
+    err = _read_with_deadline(backend, name)
+    expected = {"socket": "a socket", "directory": "a directory", "chardev": "a character device"}[kind]
+    assert isinstance(err, BackendError) and not err.retryable, err
+    assert str(path) in str(err) and expected in str(err)
+    assert run(backend.read(A, 0, 3)) == DATA_A[:3]
+    backend.close()
+
+
+def test_blob_fds_are_plain_blocking_fds(blob_dir):
+    backend = LocalfsBackend(dir=blob_dir)
+    backend.read_sync(A, 0, 1)
+    fd, _ = backend._files[A]
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
     backend.close()

@@ -4,9 +4,13 @@ Configuration (reference/nydus-surface.md §2.3): ``blob_file`` serves *every*
 blob id from one file; otherwise blob ``<id>`` is ``dir/<id>``, and when that
 does not exist, ``alt_dir/<id>`` for each of ``alt_dirs`` in order.
 
-Files are opened ``O_RDONLY | O_CLOEXEC`` once and the fd is kept for the
-backend's lifetime (blob files are immutable, so the size taken at open time
-stays valid).  Reads are ``pread`` done inline: local disk reads are short and
+Files are opened ``O_RDONLY | O_CLOEXEC | O_NONBLOCK`` once and the fd is kept
+for the backend's lifetime (blob files are immutable, so the size taken at open
+time stays valid).  Only regular files are served: ``O_NONBLOCK`` keeps the open
+of a FIFO from waiting for a writer (which would freeze the event loop, and with
+it the whole daemon), and the ``fstat`` right after the open refuses FIFOs,
+sockets, devices and directories with a non-retryable ``BackendError`` naming
+the path and what is there.  Reads are ``pread`` done inline: local disk reads are short and
 a thread hop would cost more than it saves; the ``async`` signature stays so
 the blob device treats every backend alike, and :meth:`LocalfsBackend.read_sync`
 / :meth:`LocalfsBackend.file_segment` give the device a loop-free and a
@@ -15,7 +19,10 @@ zero-copy path.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
 import time
 from collections.abc import Hashable, Sequence
 
@@ -25,7 +32,22 @@ from .base import BlobBackend, RetryPolicy, backend_error_from_os, check_blob_id
 
 __all__ = ["LocalfsBackend"]
 
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | os.O_NONBLOCK
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KINDS:
+        if test(mode):
+            return name
+    return f"not a regular file (mode {mode:#o})"
+
+
+def _not_regular(blob_id: str, path: str, mode: int) -> BackendError:
+    return BackendError(f"localfs: blob {blob_id} at {path} is {_kind(mode)}, not a regular file",
+                        retryable=False)
 
 
 class LocalfsBackend(BlobBackend):
@@ -99,13 +121,30 @@ class LocalfsBackend(BlobBackend):
             except FileNotFoundError:
                 continue
             except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    # open(2) gives ENXIO for a unix socket (and a FIFO without a writer
+                    # when opened for writing): say what is at the path.
+                    try:
+                        mode = os.stat(path).st_mode
+                    except OSError:
+                        mode = 0
+                    if mode and not stat.S_ISREG(mode):
+                        raise _not_regular(blob_id, path, mode) from None
                 raise backend_error_from_os(exc, f"localfs: open blob {blob_id} at {path}") from None
             try:
-                size = os.fstat(fd).st_size
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _not_regular(blob_id, path, st.st_mode)
+                # Regular files ignore O_NONBLOCK for reads; clear it anyway so the fd
+                # handed to splice/sendfile behaves like a plain one.
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            except BackendError:
+                os.close(fd)
+                raise
             except OSError as exc:
                 os.close(fd)
                 raise backend_error_from_os(exc, f"localfs: stat blob {blob_id} at {path}") from None
-            return fd, size
+            return fd, st.st_size
         raise BackendNotFoundError(f"localfs: blob {blob_id} not found (looked at {', '.join(tried)})")
 
     # -- I/O -----------------------------------------------------------------------
