@@ -159,8 +159,8 @@ class RegistryConfig(_ConnectionConfig):
     scheme: str = "https"
     host: str
     repo: str
-    auth: str | None = None
-    registry_token: str | None = None
+    auth: str | None = field(default=None, repr=False)
+    registry_token: str | None = field(default=None, repr=False)
     blob_url_scheme: str = ""
     blob_redirected_host: str = ""
 
@@ -173,8 +173,8 @@ class OssConfig(_ConnectionConfig):
     endpoint: str
     bucket_name: str
     object_prefix: str = ""
-    access_key_id: str = ""
-    access_key_secret: str = ""
+    access_key_id: str = field(default="", repr=False)
+    access_key_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,8 +186,8 @@ class S3Config(_ConnectionConfig):
     region: str
     bucket_name: str
     object_prefix: str = ""
-    access_key_id: str = ""
-    access_key_secret: str = ""
+    access_key_id: str = field(default="", repr=False)
+    access_key_secret: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,9 @@
-"""Blob backends: where blob bytes are stored (local files now; registries and object stores next).
+"""Blob backends: where blob bytes are stored (local files, registries, object stores, HTTP).
 
 * owns: the ``BlobBackend`` contract, error mapping and retry policy shared by
-  every backend, and the ``localfs`` backend.
+  every backend, the backends (``localfs``, ``registry``, ``oss``, ``s3``,
+  ``http-proxy``), :func:`create_backend`, the shared HTTP client and the
+  ``/daemon/events`` error ring (:func:`backend_events`).
 * does not own: caching, decompression or validation (``storage.device``).
 """
 
@@ -12,6 +14,12 @@ from .base import backend_error_from_http_status as backend_error_from_http_stat
 from .base import backend_error_from_os as backend_error_from_os
 from .base import check_blob_id as check_blob_id
 from .localfs import LocalfsBackend as LocalfsBackend
+from ._events import backend_events as backend_events
+from .factory import create_backend as create_backend
+from .http_proxy import HttpProxyBackend as HttpProxyBackend
+from .oss import OssBackend as OssBackend
+from .registry import RegistryBackend as RegistryBackend
+from .s3 import S3Backend as S3Backend
 
 __all__ = [
     "BackendMetrics",
@@ -21,4 +29,10 @@ __all__ = [
     "backend_error_from_os",
     "check_blob_id",
     "LocalfsBackend",
+    "RegistryBackend",
+    "OssBackend",
+    "S3Backend",
+    "HttpProxyBackend",
+    "backend_events",
+    "create_backend",
 ]

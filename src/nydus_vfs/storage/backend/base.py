@@ -38,11 +38,12 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Iterator
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from ...errors import BackendError, BackendNotFoundError, BackendTimeoutError
 from ...utils.io import FileSegment
+from ._events import record_backend_error
 
 __all__ = [
     "BlobBackend",
@@ -158,23 +159,68 @@ class RetryPolicy:
                 await self.sleep(delay)
 
 
+#: Upper bounds (bytes, exclusive) of the 8 block-size buckets: <1K, <4K, <16K, <64K,
+#: <128K, <512K, <1M, >=1M (nydus-surface.md §3.5).
+_SIZE_BOUNDS = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20)
+#: Upper bounds (ms, inclusive) of the 8 backend latency buckets: <=1, <=20, <=50, <=100,
+#: <=500, <=1000, <=2000, >2000.
+_LATENCY_BOUNDS_MS = (1, 20, 50, 100, 500, 1000, 2000)
+
+
+def _bucket(value: float, bounds: tuple[float, ...], inclusive: bool) -> int:
+    for index, bound in enumerate(bounds):
+        if value <= bound if inclusive else value < bound:
+            return index
+    return len(bounds)
+
+
+def _zeros() -> list[int]:
+    return [0] * 8
+
+
 @dataclass(slots=True)
 class BackendMetrics:
-    """Counters of one backend instance (``/api/v1/metrics/backend``)."""
+    """Counters of one backend instance, named and shaped as ``/api/v1/metrics/backend``.
+
+    ``read_cumulative_latency_millis_dist`` and ``read_count_block_size_dist`` are
+    indexed by block-size bucket; ``read_latency_sizes_dist[size][latency]`` counts
+    reads by size and latency bucket (nydus-surface.md §3.5).
+    """
 
     backend_type: str
     read_count: int = 0
     read_errors: int = 0
     read_amount_total: int = 0
     read_cumulative_latency_millis_total: float = 0.0
+    read_cumulative_latency_millis_dist: list[int] = field(default_factory=_zeros)
+    read_count_block_size_dist: list[int] = field(default_factory=_zeros)
+    read_latency_sizes_dist: list[list[int]] = field(default_factory=lambda: [_zeros() for _ in range(8)])
 
     def record_read(self, nbytes: int, started: float) -> None:
+        millis = (time.monotonic() - started) * 1000.0
         self.read_count += 1
         self.read_amount_total += nbytes
-        self.read_cumulative_latency_millis_total += (time.monotonic() - started) * 1000.0
+        self.read_cumulative_latency_millis_total += millis
+        size_bucket = _bucket(nbytes, _SIZE_BOUNDS, inclusive=False)
+        self.read_cumulative_latency_millis_dist[size_bucket] += int(millis)
+        self.read_count_block_size_dist[size_bucket] += 1
+        self.read_latency_sizes_dist[size_bucket][_bucket(millis, _LATENCY_BOUNDS_MS, inclusive=True)] += 1
 
     def record_error(self) -> None:
         self.read_errors += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``/api/v1/metrics/backend`` body (latency total in whole milliseconds)."""
+        return {
+            "backend_type": self.backend_type,
+            "read_count": self.read_count,
+            "read_errors": self.read_errors,
+            "read_amount_total": self.read_amount_total,
+            "read_cumulative_latency_millis_total": int(self.read_cumulative_latency_millis_total),
+            "read_cumulative_latency_millis_dist": list(self.read_cumulative_latency_millis_dist),
+            "read_count_block_size_dist": list(self.read_count_block_size_dist),
+            "read_latency_sizes_dist": [list(row) for row in self.read_latency_sizes_dist],
+        }
 
 
 class BlobBackend(abc.ABC):
@@ -182,12 +228,14 @@ class BlobBackend(abc.ABC):
 
     #: Name as reported by nydusd metrics ("localfs", "registry", "oss", ...).
     type_name: str = "unknown"
+    #: ``backend_type`` in the metrics (upstream's S3 backend reports "oss").
+    metrics_type: str | None = None
     #: True when :meth:`read_sync` works without an event loop (local storage).
     supports_sync: bool = False
 
     def __init__(self, *, retry: RetryPolicy | None = None) -> None:
         self.retry = retry if retry is not None else RetryPolicy()
-        self.metrics = BackendMetrics(self.type_name)
+        self.metrics = BackendMetrics(self.metrics_type or self.type_name)
         self._closed = False
 
     # -- identity and lifetime ---------------------------------------------------
@@ -214,16 +262,17 @@ class BlobBackend(abc.ABC):
                 lambda: self._read(blob_id, offset, size),
                 f"{self.type_name} read of blob {blob_id} [{offset}, +{size})",
             )
-        except BackendError:
-            self.metrics.record_error()
+        except BackendError as exc:
+            self._record_failure(blob_id, offset, size, exc)
             raise
         if len(data) != size:
-            self.metrics.record_error()
-            raise BackendError(
+            exc = BackendError(
                 f"{self.type_name}: blob {blob_id}: short read at offset {offset}: "
                 f"got {len(data)} of {size} bytes",
                 retryable=False,
             )
+            self._record_failure(blob_id, offset, size, exc)
+            raise exc
         self.metrics.record_read(size, started)
         return data
 
@@ -253,6 +302,17 @@ class BlobBackend(abc.ABC):
     @abc.abstractmethod
     async def _blob_size(self, blob_id: str) -> int:
         """The stored size of ``blob_id`` (no retry)."""
+
+    def _record_failure(self, blob_id: str, offset: int, size: int, exc: BaseException) -> None:
+        """Count, log and keep (``/daemon/events``) the final failure of one read.
+
+        Messages never carry secrets: backends build them from blob ids and
+        URLs stripped of their query strings.
+        """
+        self.metrics.record_error()
+        message = f"{self.type_name} backend: read of blob {blob_id} [{offset}, +{size}) failed: {exc}"
+        log.error("%s", message)
+        record_backend_error(message)
 
     def _check_open(self) -> None:
         if self._closed:

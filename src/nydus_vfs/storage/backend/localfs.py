@@ -208,8 +208,8 @@ class LocalfsBackend(BlobBackend):
         started = time.monotonic()
         try:
             data = self._pread(blob_id, offset, size)
-        except BackendError:
-            self.metrics.record_error()
+        except BackendError as exc:
+            self._record_failure(blob_id, offset, size, exc)
             raise
         self.metrics.record_read(size, started)
         return data
