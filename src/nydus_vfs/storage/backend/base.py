@@ -304,14 +304,16 @@ class BlobBackend(abc.ABC):
         """The stored size of ``blob_id`` (no retry)."""
 
     def _record_failure(self, blob_id: str, offset: int, size: int, exc: BaseException) -> None:
-        """Count, log and keep (``/daemon/events``) the final failure of one read.
+        """Count and keep (``/daemon/events``) the final failure of one read.
 
-        Messages never carry secrets: backends build them from blob ids and
-        URLs stripped of their query strings.
+        Logged at DEBUG only: the blob device logs the failure of the chunk
+        with its reason, rate-limited (``utils.ratelog``).  Messages never
+        carry secrets: backends build them from blob ids and URLs stripped of
+        their query strings.
         """
         self.metrics.record_error()
         message = f"{self.type_name} backend: read of blob {blob_id} [{offset}, +{size}) failed: {exc}"
-        log.error("%s", message)
+        log.debug("%s", message)
         record_backend_error(message)
 
     def _check_open(self) -> None:
