@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -10,11 +11,15 @@ import shutil
 import stat
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
 from nydus_vfs.builder import BuildOptions, InconsistentFilesystemError, MergeOptions, build, check, merge
+from nydus_vfs.format import BlobTail
+from tests.conftest import requires_fuse
 from tests.functional.builder_helpers import IS_ROOT, diff_snapshots, snapshot_dir, snapshot_image
+from tests.functional.nydusd_helpers import Nydusd
 
 NYDUS_IMAGE = [sys.executable, "-m", "nydus_vfs.cli.nydus_image"]
 
@@ -191,3 +196,69 @@ def test_merge_blob_digest_options_rename_the_layer_blob(tmp_path):
     assert r.blobs == ["ab" * 32]
     with pytest.raises(Exception, match="doesn't match number of sources"):
         merge([str(l1)], MergeOptions(bootstrap=str(tmp_path / "m2"), blob_sizes=[1, 2]))
+
+
+def _tar_layer(path: pathlib.Path, entries: dict[str, bytes | None]) -> pathlib.Path:
+    """A layer tar: ``None`` makes a directory; names are written in the given order."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+BIG = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(80000))  # 2.5 MiB: three chunks
+TAR_LOWER = {"etc": None, "etc/conf": b"lower conf", "gone": b"whited out", "big": BIG,
+             "opq": None, "opq/a": b"lower a", "keep": b"kept"}
+TAR_UPPER = {"etc": None, "etc/conf": b"upper conf", ".wh.gone": b"", "opq": None, "opq/.wh..wh..opq": b"",
+             "opq/new": b"new in opaque", "added": b"added by upper"}
+TAR_EXPECTED = {"etc/conf": b"upper conf", "big": BIG, "opq/new": b"new in opaque", "keep": b"kept",
+                "added": b"added by upper"}
+
+
+@requires_fuse
+def test_converter_flow_tar_rafs_inline_meta_layers_merge_and_mount(tmp_path):
+    """create as the converter does (nydus-surface.md §5.3 step 2), merge with --blob-digests, mount."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    boots, digests = [], []
+    for i, entries in enumerate([TAR_LOWER, TAR_UPPER]):
+        tar = _tar_layer(tmp_path / f"layer{i}.tar", entries)
+        blob = tmp_path / f"layer{i}.blob"
+        p = subprocess.run(NYDUS_IMAGE + ["create", "--log-level", "warn", "--prefetch-policy", "fs", "--blob",
+                                          str(blob), "--whiteout-spec", "none", "--fs-version", "6", "--type",
+                                          "tar-rafs", "--blob-inline-meta", "--features", "blob-toc", str(tar)],
+                           input=b"/", capture_output=True)
+        assert p.returncode == 0, p.stderr
+        data = blob.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        shutil.move(blob, blobs / digest)
+        # The snapshotter pulls image.boot out of the layer blob for merge.
+        boot = tmp_path / f"layer{i}.boot"
+        boot.write_bytes(BlobTail.parse(data).extract("image.boot", data))
+        boots.append(str(boot))
+        digests.append("sha256:" + digest)
+    merged = tmp_path / "merged.boot"
+    p = subprocess.run(NYDUS_IMAGE + ["merge", "--prefetch-policy", "fs", "--output-json", str(tmp_path / "m.json"),
+                                      "--bootstrap", str(merged), *boots, "--blob-digests", ",".join(digests)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert sorted(json.loads((tmp_path / "m.json").read_text())["blobs"]) == sorted(d[7:] for d in digests)
+    entries = json.loads(subprocess.run(NYDUS_IMAGE + ["inspect", str(merged), "-R", "blobs"], capture_output=True,
+                                        check=True).stdout)
+    # Upstream merge clears the inlined-meta flag: the merged bootstrap is not inside any blob.
+    assert all("fs-meta" not in e["features"].split() for e in entries), entries
+    with Nydusd(tmp_path, ["--bootstrap", str(merged), "--localfs-dir", str(blobs)]) as daemon:
+        got = {}
+        for root, _dirs, files in os.walk(daemon.mnt):
+            for name in files:
+                path = pathlib.Path(root) / name
+                got[str(path.relative_to(daemon.mnt))] = path.read_bytes()
+        assert daemon.alive()
+    assert got == TAR_EXPECTED

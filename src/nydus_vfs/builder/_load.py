@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..errors import BuildError, FormatError
 from ..format.reader import Bootstrap, blob_id_from_meta_path
-from ..format.types import BlobInfo, ChunkInfo, Compressor, Digester
+from ..format.types import BlobFeatures, BlobInfo, ChunkInfo, Compressor, Digester
 from ._tree import Inode, Node, display_path
 
 __all__ = ["LoadedImage", "load_bootstrap", "load_chunk_dict", "read_bootstrap_file", "parse_chunk_dict_arg",
@@ -77,10 +77,13 @@ def read_bootstrap_file(path: str) -> Bootstrap:
 def load_bootstrap(path: str, *, layer: int = 0, rename_blob_from_path: bool = False) -> LoadedImage:
     """Load ``path`` into a tree; every inode is tagged with ``layer``.
 
-    With ``rename_blob_from_path`` (``merge``), the layer's own data blob (the
-    one with inlined meta, or the only one) takes the id nydusd would use at
-    runtime: the file name with extensions stripped, when that name is a
-    sha256 hex digest (the layer digest, as nydus-snapshotter names them).
+    With ``rename_blob_from_path`` (``merge``), the layer's own data blob takes
+    the id nydusd would use at runtime: the file name with extensions
+    stripped.  That is done for a blob with inlined meta (``INLINED_FS_META``,
+    not ``SEPARATE``: its stored id is a placeholder), as upstream's loader
+    does for every bootstrap file, and for the only blob of a layer when the
+    name is a sha256 hex digest (the layer digest, as nydus-snapshotter names
+    the files).
     """
     bs = read_bootstrap_file(path)
     blobs = list(bs.blobs)
@@ -89,6 +92,9 @@ def load_bootstrap(path: str, *, layer: int = 0, rename_blob_from_path: bool = F
             name = blob_id_from_meta_path(path)
         except FormatError:
             name = ""
+        for i, blob in enumerate(blobs):
+            if name and blob.features & BlobFeatures.INLINED_FS_META and not blob.features & BlobFeatures.SEPARATE:
+                blobs[i] = blob.with_blob_id(name)
         if _DIGEST_NAME.match(name) and len(blobs) == 1:
             blobs[0] = blobs[0].with_blob_id(name)
     try:

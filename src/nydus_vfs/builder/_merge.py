@@ -1,4 +1,4 @@
-"""``nydus-image merge``: per-layer bootstraps (lowest first) into one (reference §4.4, §5).
+"""``nydus-image merge``: per-layer bootstraps (lowest first) into one (rafs-format.md §4.4, §5).
 
 * Every layer must agree with the first on RAFS version, chunk size and
   explicit uid/gid (and, for v5, digester and compressor, which v5 stores
@@ -8,6 +8,13 @@
   runtime (``--blob-digests``, ``--original-blob-ids``, or a layer file
   named by its digest); ``--blob-sizes`` / ``--blob-toc-digests`` /
   ``--blob-toc-sizes`` patch that blob's entry.
+* Every blob entry taken into the merged table (parent, layers, chunk-dict
+  blobs) loses the ``INLINED_FS_META`` feature, as upstream's
+  ``BlobContext::from`` does for parent and dict sources: the merged
+  bootstrap is a file of its own, so nydusd must use the stored ids instead
+  of replacing them by the merged bootstrap's file name.  A layer's own blob
+  that carried the flag was named after its source file when loaded (and
+  ``--blob-digests`` renames it again), so the stored id is the runtime one.
 * Layers are applied with the whiteout rules of :mod:`._overlay`; then blobs
   are re-indexed in order of first use and unused ones dropped.
 """
@@ -29,6 +36,8 @@ from ._overlay import apply_layer, strip_whiteouts
 from ._source import WhiteoutSpec
 
 __all__ = ["InconsistentFilesystemError", "MergeOptions", "merge"]
+
+_INLINED_META = int(BlobFeatures.INLINED_FS_META)
 
 
 class InconsistentFilesystemError(BuildError):
@@ -125,7 +134,7 @@ def merge(sources: list[str], opts: MergeOptions) -> BuildResult:
         pos = index_of.get(blob.blob_id)
         if pos is None:
             pos = index_of[blob.blob_id] = len(table)
-            table.append(replace(blob, index=pos))
+            table.append(replace(blob, index=pos, features=int(blob.features) & ~_INLINED_META))
         return pos
 
     def remap(img: LoadedImage, new_index: list[int]) -> None:
