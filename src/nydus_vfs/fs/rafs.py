@@ -190,6 +190,10 @@ class RafsFs:
         Clipped at end of file; an empty list means EOF.  Gaps between chunks (a
         corrupt image) are an error, never silently zero-filled.
         """
+        return self._plan(ino, offset, size)[0]
+
+    def _plan(self, ino: int, offset: int, size: int) -> tuple[list[tuple[ChunkInfo, int, int]], list[ChunkInfo], int]:
+        """:meth:`plan_read` plus the file's chunk list and the list position of the first iovec chunk."""
         a = self.attr(ino)
         if not stat.S_ISREG(a.mode):
             raise FsError(errno.EISDIR if stat.S_ISDIR(a.mode) else errno.EINVAL)
@@ -197,9 +201,9 @@ class RafsFs:
             raise FsError(errno.EINVAL)
         end = min(a.size, offset + size)
         if offset >= end:
-            return []
+            return [], [], 0
         starts, chunks = self._chunk_index(ino)
-        i = bisect.bisect_right(starts, offset) - 1
+        i = first = bisect.bisect_right(starts, offset) - 1
         iovec: list[tuple[ChunkInfo, int, int]] = []
         pos = offset
         while pos < end:
@@ -215,14 +219,15 @@ class RafsFs:
             iovec.append((c, in_chunk, n))
             pos += n
             i += 1
-        return iovec
+        return iovec, chunks, first
 
     async def read(self, ino: int, offset: int, size: int) -> ReadData:
-        iovec = self.plan_read(ino, offset, size)
+        iovec, chunks, first = self._plan(ino, offset, size)
         if not iovec:
             return b""
         try:
-            return await self.device.read(iovec)
+            # The file's chunk list rides along so a miss can amplify (amplify_io).
+            return await self.device.read(iovec, (chunks, first))
         except (StorageError, OSError) as exc:
             if getattr(exc, "logged", False):
                 # The storage layer logged the chunk and reason (once, rate-limited).

@@ -10,6 +10,11 @@ can drive a cold read on a local blob to completion synchronously.  The
 leader therefore creates no future; only a follower, which is about to
 suspend anyway, creates one.
 
+Batches: :meth:`SingleFlight.try_lead` / :meth:`SingleFlight.finish` /
+:meth:`SingleFlight.abandon` let one coroutine lead several keys at once (one
+backend request for a run of chunks); followers of any of those keys wait for
+that request, exactly as for :meth:`SingleFlight.run`.
+
 Cancellation: a cancelled follower just leaves.  A cancelled leader must not
 fail its followers with *its* cancellation, so they wake up and retry, one of
 them becoming the new leader.
@@ -75,6 +80,26 @@ class SingleFlight(Generic[T]):
             raise
         self._finish(key, flight, result=result)
         return result
+
+    def try_lead(self, key: Hashable) -> _Flight | None:
+        """Become the leader of ``key`` (a token for :meth:`finish`), or None if it is in flight.
+
+        The caller must end every token it got with :meth:`finish` or
+        :meth:`abandon`, also when cancelled, or followers wait forever.
+        """
+        if key in self._flights:
+            return None
+        flight = self._flights[key] = _Flight()
+        return flight
+
+    def finish(self, key: Hashable, flight: _Flight, *, result: object = None,
+               exc: BaseException | None = None) -> None:
+        """Hand ``result`` (or raise ``exc`` in) every follower of a flight led with :meth:`try_lead`."""
+        self._finish(key, flight, result=result, exc=exc)
+
+    def abandon(self, key: Hashable, flight: _Flight) -> None:
+        """Give a flight up without a result (cancelled): its followers retry on their own."""
+        self._finish(key, flight, exc=_LeaderGone())
 
     def _finish(self, key: Hashable, flight: _Flight, *, result: object = None,
                 exc: BaseException | None = None) -> None:

@@ -395,6 +395,9 @@ class ChunkLRU:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
     def get(self, key: Hashable) -> tuple[bytes, bool] | None:
         entry = self._entries.get(key)
         if entry is not None:

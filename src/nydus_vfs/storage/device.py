@@ -58,6 +58,7 @@ __all__ = [
     "BlobLayer",
     "BlobDevice",
     "BlobCacheMetrics",
+    "FetchStats",
     "check_chunk",
     "decode_chunk",
     "verify_chunk",
@@ -84,6 +85,9 @@ _ZRAN = int(BlobFeatures.ZRAN)
 _UNSUPPORTED_FLAGS = _ENCRYPTED | _BATCH
 _ZERO_DIGEST = bytes(32)
 _DEFAULT_LRU_BYTES = 64 << 20
+# Bytes of other chunks a merged backend request may read over rather than
+# split in two (chunks already cached or fetched by someone else).
+_MAX_MERGE_GAP = 128 << 10
 
 #: One element of a read request: the chunk, the offset inside its
 #: uncompressed data, and how many bytes from there.
@@ -202,7 +206,12 @@ class BlobCacheMetrics:
     """Per-device counters, named as nydusd's ``/api/v1/metrics/blobcache``.
 
     ``total`` counts reads, ``whole_hits`` reads served entirely without a
-    fetch, ``partial_hits`` chunk pieces served from the cache.
+    fetch, ``partial_hits`` chunk pieces served from the cache.  The
+    ``prefetch_*`` counters are kept by the prefetch engine
+    (``fs.prefetch``): bytes and merged backend requests it fetched, how many
+    workers it ran, how many chunks went into those requests, and when it
+    began and ended.  :meth:`BlobDevice.metrics_json` adds the live values
+    (entries, all-ready, buffered bytes) and renders nydusd's JSON.
     """
 
     store_path: str = ""
@@ -210,6 +219,52 @@ class BlobCacheMetrics:
     total: int = 0
     whole_hits: int = 0
     partial_hits: int = 0
+    prefetch_data_amount: int = 0
+    prefetch_requests_count: int = 0
+    prefetch_workers: int = 0
+    prefetch_unmerged_chunks: int = 0
+    prefetch_cumulative_time_millis: int = 0
+    prefetch_begin_time_secs: int = 0
+    prefetch_begin_time_millis: int = 0
+    prefetch_end_time_secs: int = 0
+    prefetch_end_time_millis: int = 0
+
+
+@dataclass(slots=True)
+class FetchStats:
+    """What :meth:`BlobDevice.fetch_chunks` did: backend requests, bytes read, chunks stored."""
+
+    requests: int = 0
+    bytes: int = 0
+    chunks: int = 0
+    errors: list = field(default_factory=list)
+
+
+def _merge_runs(claimed: list, max_size: int) -> list[list]:
+    """Split ``(chunk, token)`` pairs into runs, each fetched by one backend request.
+
+    Sorted by compressed offset; a run grows while the next chunk starts at
+    most ``_MAX_MERGE_GAP`` bytes after the run's end and the run stays within
+    ``max_size`` bytes (a single chunk larger than that is a run of its own).
+    """
+    ordered = sorted(claimed, key=lambda item: item[0].compressed_offset)
+    runs: list[list] = []
+    run: list = []
+    run_start = run_end = 0
+    for item in ordered:
+        c = item[0]
+        c_end = c.compressed_offset + c.compressed_size
+        if run and (c.compressed_offset - run_end > _MAX_MERGE_GAP
+                    or max(run_end, c_end) - run_start > max_size):
+            runs.append(run)
+            run = []
+        if not run:
+            run_start, run_end = c.compressed_offset, c_end
+        run.append(item)
+        run_end = max(run_end, c_end)
+    if run:
+        runs.append(run)
+    return runs
 
 
 class BlobLayer:
@@ -231,8 +286,12 @@ class BlobLayer:
         return len(self._states)
 
     def open_device(self, blobs: Sequence[BlobInfo], backend: BlobBackend, cache: CacheSpec,
-                    digest_validate: bool = False) -> "BlobDevice":
+                    digest_validate: bool = False, *, amplify_io: int = 0) -> "BlobDevice":
         """A device serving the chunks of an image whose blob table is ``blobs``.
+
+        ``amplify_io`` (v1 ``amplify_io``, v2 ``rafs.batch_size``; 0 = off) lets a
+        foreground miss fetch the missing chunks that follow it in the file, of
+        the same blob, in the same backend request, up to that many bytes.
 
         ``blobs[i].index`` must be ``i`` (chunks name their blob by that index).
         Creates the cache work dir if needed.  Raises ``StorageError`` when the
@@ -252,7 +311,8 @@ class BlobLayer:
             for state in states:
                 self._release(state)
             raise
-        return BlobDevice(self, list(blobs), states, backend, cache, digest_validate, store_path=work_dir or "")
+        return BlobDevice(self, list(blobs), states, backend, cache, digest_validate, store_path=work_dir or "",
+                          amplify_io=amplify_io)
 
     def _acquire(self, backend: BlobBackend, work_dir: str | None, blob: BlobInfo) -> _BlobState:
         if work_dir is not None:
@@ -332,13 +392,15 @@ class BlobDevice:
     """
 
     def __init__(self, layer: BlobLayer, blobs: list[BlobInfo], states: list[_BlobState],
-                 backend: BlobBackend, cache: CacheSpec, digest_validate: bool, *, store_path: str = "") -> None:
+                 backend: BlobBackend, cache: CacheSpec, digest_validate: bool, *, store_path: str = "",
+                 amplify_io: int = 0) -> None:
         self._layer = layer
         self.blobs = blobs
         self._states = states
         self.backend = backend
         self.cache = cache
         self.digest_validate = digest_validate
+        self.amplify_io = max(0, int(amplify_io))
         self._check_hits = cache.validate
         # Whatever goes into a validating cache must have been checked too.
         self._validate_fetch = digest_validate or cache.validate
@@ -363,9 +425,14 @@ class BlobDevice:
         self._states = []
 
     # -- reading ------------------------------------------------------------------------
-    async def read(self, iovec: Iterable[IoVec]) -> list[bytes | FileSegment]:
+    async def read(self, iovec: Iterable[IoVec],
+                   more: tuple[Sequence[ChunkInfo], int] | None = None) -> list[bytes | FileSegment]:
         """The bytes of every ``(chunk, offset, length)`` in order, as bytes and file segments.
 
+        ``more = (chunks, start)`` says that the iovec's chunks are
+        ``chunks[start], chunks[start + 1], ...`` (a file's chunk list): with
+        ``amplify_io``, a miss then also fetches the missing chunks after it
+        in that list.  It is looked at only on a miss.
         The concatenation of the result is exactly the requested data.
         Adjacent segments of one file are merged.  Raises ``StorageError``
         (bad chunk record, unsupported feature, closed device),
@@ -377,7 +444,9 @@ class BlobDevice:
         out: list[bytes | FileSegment] = []
         whole_hit = True
         states = self._states
+        position = -1
         for chunk, offset, length in iovec:
+            position += 1
             if length <= 0:
                 if length == 0:
                     continue
@@ -396,7 +465,8 @@ class BlobDevice:
                 if piece is None:
                     whole_hit = False
                     try:
-                        piece = await self._miss(index, chunk, offset, length)
+                        piece = await self._miss(index, chunk, offset, length,
+                                                 None if more is None else (more[0], more[1] + position))
                     except StorageError as exc:
                         self._report(index, chunk, exc)
                         raise
@@ -412,24 +482,6 @@ class BlobDevice:
         if whole_hit:
             self.metrics.whole_hits += 1
         return out
-
-    async def prefetch(self, chunks: Iterable[ChunkInfo]) -> int:
-        """Make sure ``chunks`` are cached (file cache or LRU); returns how many were fetched."""
-        if self._closed:
-            raise StorageError("blob device is closed")
-        fetched = 0
-        for chunk in chunks:
-            index = chunk.blob_index
-            if index == HOLE_BLOB_INDEX:
-                continue
-            if not 0 <= index < len(self._states):
-                raise StorageError(f"chunk {chunk.index} names blob index {index}, "
-                                   f"but the image has {len(self._states)} blobs")
-            check_chunk(self.blobs[index], chunk)
-            if self._hit(index, chunk, 0, chunk.uncompressed_size) is None:
-                await self._fetch(index, chunk)
-                fetched += 1
-        return fetched
 
     def _hit(self, index: int, chunk: ChunkInfo, offset: int, length: int) -> bytes | FileSegment | None:
         """The range from the cache without any I/O wait, or None on a miss."""
@@ -482,6 +534,195 @@ class BlobDevice:
             return data if offset == 0 and length == len(data) else data[offset:offset + length]
         return segment
 
+    # -- merged fetches (amplify_io, prefetch) ----------------------------------------------
+    def is_cached(self, chunk: ChunkInfo) -> bool:
+        """Whether ``chunk`` can be served without the backend (holes: always); no I/O."""
+        index = chunk.blob_index
+        if index == HOLE_BLOB_INDEX:
+            return True
+        if not 0 <= index < len(self._states):
+            return False
+        state = self._states[index]
+        if state.cache is not None:
+            try:
+                return state.cache.is_cached(chunk)
+            except StorageError:
+                return False
+        return (state.key, chunk.uncompressed_offset, chunk.uncompressed_size) in self._layer._lru
+
+    def has_file_cache(self, index: int) -> bool:
+        """Whether blob ``index`` is cached in a file (prefetching into memory is pointless)."""
+        return 0 <= index < len(self._states) and self._states[index].cache is not None
+
+    async def fetch_chunks(self, index: int, chunks: Sequence[ChunkInfo], max_size: int) -> "FetchStats":
+        """Bring ``chunks`` of blob ``index`` into the cache in merged backend requests.
+
+        Chunks already cached, in flight (someone else is fetching them: they
+        are not waited for) or refused by :func:`check_chunk` are skipped.  The
+        rest are fetched in runs of neighbouring chunks, each run one backend
+        request of at most ``max_size`` bytes (0: one request per chunk).
+        While a run is in flight its chunks are led in the blob's single
+        flight, so a foreground read of one of them waits for this request
+        instead of sending its own.  Failures are returned, not raised
+        (cancellation is raised; the followers of unfinished chunks then
+        fetch by themselves).
+        """
+        if self._closed:
+            raise StorageError("blob device is closed")
+        if not 0 <= index < len(self._states):
+            raise StorageError(f"blob index {index} out of range (the image has {len(self._states)} blobs)")
+        blob = self.blobs[index]
+        flights = self._states[index].flights
+        claimed = []
+        for chunk in chunks:
+            if chunk.blob_index != index or self.is_cached(chunk):
+                continue
+            try:
+                check_chunk(blob, chunk)
+            except StorageError as exc:
+                self._report(index, chunk, exc)
+                continue
+            flight = flights.try_lead((chunk.uncompressed_offset, chunk.uncompressed_size))
+            if flight is not None:
+                claimed.append((chunk, flight))
+        if not claimed:
+            return FetchStats()
+        _, stats = await self._fetch_claimed(index, claimed, max_size)
+        return stats
+
+    async def _amplified(self, index: int, chunk: ChunkInfo,
+                         more: tuple[Sequence[ChunkInfo], int]) -> bytes | None:
+        """Fetch ``chunk`` with the missing chunks after it (``more``) in one request; None if
+        ``chunk`` is already in flight (the caller then follows that flight)."""
+        flights = self._states[index].flights
+        key = (chunk.uncompressed_offset, chunk.uncompressed_size)
+        lead = flights.try_lead(key)
+        if lead is None:
+            return None
+        claimed = [(chunk, lead)]
+        try:
+            blob = self.blobs[index]
+            chunks, start = more
+            budget = self.amplify_io - chunk.compressed_size
+            seen = {key}
+            for following in chunks[start + 1:]:
+                if budget <= 0:
+                    break
+                if following.blob_index != index:
+                    continue
+                fkey = (following.uncompressed_offset, following.uncompressed_size)
+                if fkey in seen or self.is_cached(following):
+                    continue
+                seen.add(fkey)
+                try:
+                    check_chunk(blob, following)
+                except StorageError:
+                    continue
+                budget -= following.compressed_size
+                if budget < 0:
+                    break
+                flight = flights.try_lead(fkey)
+                if flight is not None:
+                    claimed.append((following, flight))
+        except BaseException:
+            for c, f in claimed:
+                flights.abandon((c.uncompressed_offset, c.uncompressed_size), f)
+            raise
+        results, _ = await self._fetch_claimed(index, claimed, self.amplify_io)
+        result = results[key]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def _fetch_claimed(self, index: int, claimed: list, max_size: int) -> tuple[dict, "FetchStats"]:
+        """Fetch chunks whose flights this coroutine leads; every flight is ended on every path.
+
+        Returns ``{flight key: data or exception}`` and the request counts.
+        """
+        blob = self.blobs[index]
+        state = self._states[index]
+        flights = state.flights
+        backend = self.backend
+        validated = self._validate_fetch
+        results: dict = {}
+        stats = FetchStats()
+        try:
+            for run in _merge_runs(claimed, max_size):
+                start = run[0][0].compressed_offset
+                end = max(c.compressed_offset + c.compressed_size for c, _ in run)
+                try:
+                    if backend.supports_sync:
+                        raw = backend.read_sync(blob.blob_id, start, end - start)
+                    else:
+                        raw = await backend.read(blob.blob_id, start, end - start)
+                except Exception as exc:
+                    stats.errors.append(exc)
+                    for c, f in run:
+                        key = (c.uncompressed_offset, c.uncompressed_size)
+                        results[key] = exc
+                        flights.finish(key, f, exc=exc)
+                    continue
+                stats.requests += 1
+                stats.bytes += end - start
+                for c, f in run:
+                    key = (c.uncompressed_offset, c.uncompressed_size)
+                    lo = c.compressed_offset - start
+                    try:
+                        data = decode_chunk(raw[lo:lo + c.compressed_size], blob, c, validated)
+                    except ChunkCorruptError as exc:
+                        stats.errors.append(exc)
+                        results[key] = exc
+                        flights.finish(key, f, exc=exc)
+                        continue
+                    if state.cache is not None:
+                        if state.cache.store(c, data) and validated:
+                            state.verified.add((c.uncompressed_offset, c.digest))
+                    else:
+                        self._layer._lru.put((state.key, c.uncompressed_offset, c.uncompressed_size), data,
+                                             validated)
+                    stats.chunks += 1
+                    results[key] = data
+                    flights.finish(key, f, result=(data, validated))
+        except BaseException:
+            for c, f in claimed:
+                key = (c.uncompressed_offset, c.uncompressed_size)
+                if key not in results:
+                    flights.abandon(key, f)
+            raise
+        return results, stats
+
+    def flush(self) -> None:
+        """Make everything cached so far durable (chunk map bits set); see ``BlobCacheFile``."""
+        for state in self._states:
+            if state.cache is not None:
+                state.cache.flush()
+
+    def metrics_json(self, id: str = "") -> dict:
+        """nydusd's ``/api/v1/metrics/blobcache`` body for this instance (nydus-surface.md §3.5)."""
+        m = self.metrics
+        caches = [s.cache for s in self._states if s.cache is not None]
+        return {
+            "id": id,
+            "underlying_files": list(m.underlying_files),
+            "store_path": m.store_path,
+            "partial_hits": m.partial_hits,
+            "whole_hits": m.whole_hits,
+            "total": m.total,
+            "entries_count": sum(c.entries_count for c in caches),
+            "prefetch_data_amount": m.prefetch_data_amount,
+            "prefetch_requests_count": m.prefetch_requests_count,
+            "prefetch_workers": m.prefetch_workers,
+            "prefetch_unmerged_chunks": m.prefetch_unmerged_chunks,
+            "prefetch_cumulative_time_millis": m.prefetch_cumulative_time_millis,
+            "prefetch_begin_time_secs": m.prefetch_begin_time_secs,
+            "prefetch_begin_time_millis": m.prefetch_begin_time_millis,
+            "prefetch_end_time_secs": m.prefetch_end_time_secs,
+            "prefetch_end_time_millis": m.prefetch_end_time_millis,
+            "buffered_backend_size": 0 if caches else self._layer._lru.used,
+            "data_all_ready": bool(self._states) and len(caches) == len(self._states)
+            and all(c.all_ready for c in caches),
+        }
+
     def _report(self, index: int, chunk: ChunkInfo, exc: StorageError) -> None:
         """Log a chunk that could not be served: once per chunk and reason, rate-limited."""
         if getattr(exc, "logged", False):
@@ -498,7 +739,8 @@ class BlobDevice:
         except AttributeError:
             pass
 
-    async def _miss(self, index: int, chunk: ChunkInfo, offset: int, length: int) -> bytes | FileSegment:
+    async def _miss(self, index: int, chunk: ChunkInfo, offset: int, length: int,
+                    more: tuple[Sequence[ChunkInfo], int] | None = None) -> bytes | FileSegment:
         blob = self.blobs[index]
         check_chunk(blob, chunk)
         state = self._states[index]
@@ -511,7 +753,12 @@ class BlobDevice:
             segment = self.backend.file_segment(blob.blob_id, chunk.compressed_offset + offset, length)
             if segment is not None:
                 return segment
-        data = await self._fetch(index, chunk)
+        data = None
+        # Local backends read at disk speed: merging saves no round trip there.
+        if more is not None and self.amplify_io > chunk.compressed_size and not self.backend.supports_sync:
+            data = await self._amplified(index, chunk, more)
+        if data is None:
+            data = await self._fetch(index, chunk)
         return data if offset == 0 and length == len(data) else data[offset:offset + length]
 
     async def _fetch(self, index: int, chunk: ChunkInfo) -> bytes:

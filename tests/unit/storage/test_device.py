@@ -251,12 +251,11 @@ def test_bad_chunk_records_are_refused_before_io(change, match):
     bad = dataclasses.replace(sb.chunks[0], **change)
     backend = memory_backend(sb)
     device = BlobLayer().open_device([sb.info], backend, NOCACHE)
-    with pytest.raises(StorageError, match=match) as info:
-        run(device.prefetch([bad]))
-    assert sb.blob_id in str(info.value)
+    assert run(device.fetch_chunks(0, [bad], 1 << 20)).chunks == 0   # skipped (and logged)
     if bad.uncompressed_size:
-        with pytest.raises(StorageError, match=match):
+        with pytest.raises(StorageError, match=match) as info:
             run(device.read([(bad, 0, 1)]))
+        assert sb.blob_id in str(info.value)
     assert backend.attempts == 0
 
 
@@ -323,7 +322,7 @@ def test_iovec_mixing_chunks_holes_and_partial_ranges(tmp_path):
 def test_adjacent_cached_ranges_become_one_segment(tmp_path):
     sb = make_blob([b"a" * 3000, b"b" * 3000], aligned=False, compressor=Compressor.NONE)
     device = BlobLayer().open_device([sb.info], memory_backend(sb), filecache(tmp_path))
-    run(device.prefetch(sb.chunks))
+    run(device.fetch_chunks(0, sb.chunks, 0))
     pieces = run(device.read([(sb.chunks[0], 1000, 2000), (sb.chunks[1], 0, 500)]))
     assert len(pieces) == 1 and pieces[0].length == 2500 and pieces[0].offset == 1000
     assert materialize(pieces) == b"a" * 2000 + b"b" * 500
@@ -538,10 +537,11 @@ def test_prefetch_warms_the_cache(tmp_path):
     backend = memory_backend(sb)
     device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path))
     hole = ChunkInfo(b"", -1, -1, 0, 0, 0, 0, 10, 0)
-    assert run(device.prefetch(sb.chunks + [hole])) == 2
-    assert run(device.prefetch(sb.chunks)) == 0
+    stats = run(device.fetch_chunks(0, sb.chunks + [hole], 1 << 20))
+    assert (stats.chunks, stats.requests) == (2, 1)
+    assert run(device.fetch_chunks(0, sb.chunks, 1 << 20)).chunks == 0
     assert read(device, whole(sb.chunks[1])) == sb.plain[1]
-    assert len(backend.reads) == 2
+    assert len(backend.reads) == 1
 
 
 def test_closed_device_and_layer(tmp_path):
@@ -674,4 +674,96 @@ def test_failures_of_many_chunks_are_rate_limited_with_a_count(tmp_path, caplog)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert 1 <= len(errors) <= 20
     assert device._limiter.suppressed == 100 - len(errors)
+    device.close()
+
+
+# -- amplify_io: a miss brings its neighbours in the same request ---------------------------
+
+def _amp_device(tmp_path, sb, amplify, cache=True, backend=None):
+    backend = backend or memory_backend(sb)
+    spec = filecache(tmp_path) if cache else NOCACHE
+    return BlobLayer().open_device([sb.info], backend, spec, amplify_io=amplify), backend
+
+
+def _read_in_file(device, chunks, k):
+    return materialize(run(device.read(whole(chunks[k]), (chunks, k))))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_miss_fetches_the_following_chunks_in_one_request(tmp_path, cache):
+    sb = make_blob([os.urandom(3000) for _ in range(8)], aligned=False)
+    device, backend = _amp_device(tmp_path, sb, 4 * 3000 + 10, cache)
+    assert _read_in_file(device, sb.chunks, 0) == sb.plain[0]
+    assert backend.reads == [(sb.blob_id, 0, 4 * 3000)]
+    assert [_read_in_file(device, sb.chunks, k) for k in (1, 2, 3)] == sb.plain[1:4]
+    assert len(backend.reads) == 1
+    assert _read_in_file(device, sb.chunks, 5) == sb.plain[5]
+    assert backend.reads[1] == (sb.blob_id, 5 * 3000, 3 * 3000)
+    # Already cached neighbours are not fetched again.
+    assert _read_in_file(device, sb.chunks, 4) == sb.plain[4]
+    assert backend.reads[2] == (sb.blob_id, 4 * 3000, 3000)
+    device.close()
+
+
+def test_without_amplify_or_with_a_local_backend_each_miss_is_one_chunk(tmp_path):
+    sb = make_blob([os.urandom(3000) for _ in range(4)], aligned=False)
+    device, backend = _amp_device(tmp_path, sb, 0)
+    assert [_read_in_file(device, sb.chunks, k) for k in range(4)] == sb.plain
+    assert len(backend.reads) == 4
+    device.close()
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / sb.blob_id).write_bytes(sb.data)
+    local = LocalfsBackend(dir=tmp_path / "blobs")
+    device = BlobLayer().open_device([sb.info], local, filecache(tmp_path, sub="c2"), amplify_io=1 << 20)
+    assert [_read_in_file(device, sb.chunks, k) for k in range(4)] == sb.plain
+    assert local.metrics.read_count == 4
+    device.close()
+
+
+def test_a_read_of_a_chunk_in_an_amplified_request_waits_for_it(tmp_path):
+    sb = make_blob([os.urandom(3000) for _ in range(4)], aligned=False)
+    backend = memory_backend(sb)
+    device, _ = _amp_device(tmp_path, sb, 1 << 20, backend=backend)
+
+    async def main():
+        backend.gate = asyncio.Event()
+        first = asyncio.create_task(device.read(whole(sb.chunks[0]), (sb.chunks, 0)))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(device.read(whole(sb.chunks[2]), (sb.chunks, 2)))
+        await asyncio.sleep(0.01)
+        assert backend.attempts == 1
+        backend.gate.set()
+        return materialize(await first), materialize(await second)
+
+    assert run(main()) == (sb.plain[0], sb.plain[2])
+    assert backend.reads == [(sb.blob_id, 0, 4 * 3000)]
+    device.close()
+
+
+def test_a_failed_amplified_request_fails_its_readers_and_is_retried_next_time(tmp_path):
+    sb = make_blob([os.urandom(3000) for _ in range(4)], aligned=False)
+    device, backend = _amp_device(tmp_path, sb, 1 << 20)
+    backend.fail_next(1, retryable=False)
+    with pytest.raises(StorageError, match="injected"):
+        _read_in_file(device, sb.chunks, 1)
+    assert _read_in_file(device, sb.chunks, 1) == sb.plain[1]
+    assert backend.reads == [(sb.blob_id, 3000, 3 * 3000)]
+    device.close()
+
+
+def test_metrics_json_has_nydusd_blobcache_fields(tmp_path):
+    sb = make_blob([b"m" * 5000, b"n" * 5000])
+    device = BlobLayer().open_device([sb.info], memory_backend(sb), filecache(tmp_path))
+    read(device, whole(sb.chunks[0]))
+    doc = device.metrics_json("/snap")
+    assert set(doc) == {
+        "id", "underlying_files", "store_path", "partial_hits", "whole_hits", "total", "entries_count",
+        "prefetch_data_amount", "prefetch_requests_count", "prefetch_workers", "prefetch_unmerged_chunks",
+        "prefetch_cumulative_time_millis", "prefetch_begin_time_secs", "prefetch_begin_time_millis",
+        "prefetch_end_time_secs", "prefetch_end_time_millis", "buffered_backend_size", "data_all_ready"}
+    assert doc["id"] == "/snap" and doc["entries_count"] == 1 and doc["total"] == 1
+    assert doc["store_path"] == str(tmp_path / "cache") and not doc["data_all_ready"]
+    read(device, whole(sb.chunks[1]))
+    device.flush()
+    assert device.metrics_json()["data_all_ready"]
     device.close()
