@@ -98,7 +98,9 @@ class Daemon:
         rafs_cfg = config.rafs
         validate = bool(rafs_cfg.validate) if rafs_cfg is not None else False
         xattr = bool(rafs_cfg.enable_xattr) if rafs_cfg is not None else False
-        device = self.blob_layer.open_device(bootstrap.blobs, backend, cache, digest_validate=validate)
+        amplify = rafs_cfg.batch_size if rafs_cfg is not None else 0   # v1 amplify_io
+        device = self.blob_layer.open_device(bootstrap.blobs, backend, cache, digest_validate=validate,
+                                             amplify_io=amplify)
         fs = RafsFs(bootstrap, device, enable_xattr=xattr, source=bootstrap_path)
         try:
             self.vfs.mount(mountpoint, fs)

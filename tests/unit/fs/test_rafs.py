@@ -1,70 +1,41 @@
-"""RafsFs (fs/rafs.py): metadata answers over synthetic images.
-
-File data goes through the blob device, which these tests never touch: the
-device is a stand-in that fails the test if anything reads through it.
-"""
+"""RafsFs data path details: the file's chunk list rides along so a miss can amplify."""
 
 from __future__ import annotations
 
-import errno
+import asyncio
+import os
+import random
 
-import pytest
+from nydus_vfs.builder import BuildOptions, build
+from nydus_vfs.fs import RafsFs, load_bootstrap
+from nydus_vfs.storage import BlobLayer, CacheSpec
+from nydus_vfs.testing.backend import InMemoryBackend
 
-from nydus_vfs.errors import FsError
-from nydus_vfs.format import Bootstrap
-from nydus_vfs.fs import RafsFs, Vfs
-from nydus_vfs.fuse.ops import Context
-from tests.unit.format.format_factory import build_v5, build_v6, d, f, sample_tree
-
-CTX = Context()
-
-
-class _NoDevice:
-    """A blob device that must not be used by metadata operations."""
-
-    def __getattr__(self, name):
-        raise AssertionError(f"metadata operation touched the blob device ({name})")
-
-    def close(self) -> None:
-        pass
+CHUNK = 0x10000
 
 
-def _plain_tree():
-    return d({b"a.txt": f(0), b"sub": d({b"b": f(0)})})
+def test_amplify_io_reads_the_rest_of_the_file_in_one_request(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(3).randbytes(6 * CHUNK)
+    (src / "f").write_bytes(data)
+    r = build(str(src), BuildOptions(fs_version=6, chunk_size=CHUNK, bootstrap=str(tmp_path / "boot"),
+                                     blob_dir=str(tmp_path)))
+    boot = load_bootstrap(str(tmp_path / "boot"))
+    backend = InMemoryBackend({bid: (tmp_path / bid).read_bytes() for bid in r.blobs})
+    device = BlobLayer().open_device(boot.blobs, backend, CacheSpec("blobcache", str(tmp_path / "c")),
+                                     amplify_io=4 * CHUNK)
+    fs = RafsFs(boot, device)
+    ino = boot.lookup(boot.root_ino, b"f")
 
+    async def read_all():
+        out = bytearray()
+        for off in range(0, len(data), 32 << 10):
+            for p in await fs.read(ino, off, 32 << 10):
+                out += p if isinstance(p, bytes) else os.pread(p.fd, p.length, p.offset)
+        return bytes(out)
 
-def _mounted(data: bytes, enable_xattr: bool) -> tuple[RafsFs, Vfs]:
-    fs = RafsFs(Bootstrap.from_bytes(data), _NoDevice(), enable_xattr=enable_xattr, source="test")
-    vfs = Vfs()
-    vfs.mount("/", fs)
-    return fs, vfs
-
-
-@pytest.mark.parametrize("build", [build_v5, build_v6], ids=["v5", "v6"])
-def test_xattrs_are_served_when_the_image_has_them_even_without_enable_xattr(build):
-    fs, vfs = _mounted(build(sample_tree()), enable_xattr=False)
-    assert fs.bootstrap.has_xattr and fs.xattr_supported and not fs.enable_xattr
-    node = vfs.lookup(1, b"a.txt", CTX).nodeid
-    assert sorted(vfs.listxattr(node, CTX)) == [b"security.selinux", b"user.foo"]
-    assert vfs.getxattr(node, b"user.foo", CTX) == b"bar"
-    with pytest.raises(FsError) as info:
-        vfs.getxattr(node, b"user.missing", CTX)
-    assert info.value.errno_value == errno.ENODATA
-    # A file without xattrs in such an image: an empty list, not ENOSYS.
-    assert vfs.listxattr(vfs.lookup(1, b"empty", CTX).nodeid, CTX) == []
-
-
-@pytest.mark.parametrize("build", [build_v5, build_v6], ids=["v5", "v6"])
-def test_image_without_xattrs_answers_enosys_unless_enabled(build):
-    data = build(_plain_tree())
-    fs, vfs = _mounted(data, enable_xattr=False)
-    assert not fs.bootstrap.has_xattr and not fs.xattr_supported
-    node = vfs.lookup(1, b"a.txt", CTX).nodeid
-    for call in (lambda: vfs.listxattr(node, CTX), lambda: vfs.getxattr(node, b"user.x", CTX)):
-        with pytest.raises(FsError) as info:
-            call()
-        assert info.value.errno_value == errno.ENOSYS
-    # enable_xattr still turns them on (empty answers) for such an image.
-    fs, vfs = _mounted(data, enable_xattr=True)
-    assert fs.xattr_supported
-    assert vfs.listxattr(vfs.lookup(1, b"a.txt", CTX).nodeid, CTX) == []
+    assert asyncio.run(read_all()) == data
+    # 6 chunks, at most 4 per request (amplify_io), each miss taking its followers along.
+    assert [size for _, _, size in backend.reads] == [4 * CHUNK, 2 * CHUNK]
+    fs.close()
