@@ -730,3 +730,82 @@ def test_a_flood_of_bad_requests_cannot_flood_the_log(tmp_path, caplog):
             g.close()
     finally:
         be.stop()
+
+
+# -- vhost-user-fs.md §6.4: a front-end that hogs the one connection slot ------------------
+
+HANDSHAKE_TIMEOUT = 0.5
+
+
+@pytest.fixture
+def impatient(tmp_path):
+    """A back-end that drops a front-end after HANDSHAKE_TIMEOUT s without a vring set up."""
+    be = Backend(str(tmp_path / "hs.sock"), handshake_timeout=HANDSHAKE_TIMEOUT)
+    try:
+        yield be
+    finally:
+        be.stop()
+
+
+def _raw_client(be: Backend) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(be.sock_path)
+    return sock
+
+
+@pytest.mark.parametrize("stall", ["silent", "half-header", "before-set-owner"])
+def test_stalled_handshake_is_dropped_and_the_next_front_end_served(impatient, caplog, stall):
+    hog = _raw_client(impatient)
+    if stall == "half-header":
+        hog.sendall(struct.pack("<I", int(R.GET_FEATURES)) + b"\x01\0")   # 6 of 12 header bytes
+    elif stall == "before-set-owner":
+        hog.sendall(struct.pack("<III", int(R.GET_FEATURES), 1, 0))       # one whole message, then nothing
+    try:
+        # A real front-end queued behind it: its first reply arrives once the hog is dropped.
+        fe, fs = started(impatient)
+        with fe:
+            assert fs.getattr(ROOT).attr.ino == ROOT
+            assert fs.read(HELLO_ID, 0, 0, 4096) == HELLO
+        assert impatient.connections() == 2
+        # The hog's socket was closed by the back-end.
+        hog.settimeout(5)
+        rest = b""
+        while chunk := hog.recv(4096):
+            rest += chunk
+        assert stall != "silent" or rest == b""
+    finally:
+        hog.close()
+    assert "did not complete the handshake" in caplog.text
+    assert impatient.alive
+
+
+def test_front_end_waiting_for_its_guest_driver_is_not_timed_out(impatient):
+    # Block A done (QEMU at start-up), block B only when the guest's driver probes: keep it.
+    fe = connect(impatient)
+    with fe:
+        fe.negotiate()
+        time.sleep(3 * HANDSHAKE_TIMEOUT)
+        fe.start_queues()
+        fs = FuseSession(fe)
+        fs.init()
+        assert fs.getattr(ROOT).attr.ino == ROOT
+    assert impatient.connections() == 1
+
+
+def test_quick_reconnects_queue_in_the_backlog_instead_of_eagain(backend):
+    fe, fs = started(backend)
+    with fe:
+        # While one front-end is served, several others connect (non-blocking, as a
+        # supervisor probing the socket would): none may be refused with EAGAIN.
+        pending = []
+        try:
+            for _ in range(8):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.setblocking(False)
+                pending.append(s)
+                s.connect(backend.sock_path)
+        finally:
+            for s in pending:
+                s.close()
+        assert fs.getattr(ROOT).attr.ino == ROOT
+    assert backend.alive

@@ -163,7 +163,7 @@ class Backend:
     """The transport on a uvloop loop in a thread (see the module docstring)."""
 
     def __init__(self, sock_path: str, *, config: ShimConfig | None = None, batch: int = 64,
-                 stop_timeout: float = 30.0, server: Any = None) -> None:
+                 stop_timeout: float = 30.0, handshake_timeout: float | None = 10.0, server: Any = None) -> None:
         self.sock_path = sock_path
         self.ops = MemFs()
         self.server = server if server is not None else FuseServer(self.ops)
@@ -173,7 +173,7 @@ class Backend:
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self.transport: VirtioFsTransport | None = None
-        self._kw = dict(config=config, batch=batch, stop_timeout=stop_timeout)
+        self._kw = dict(config=config, batch=batch, stop_timeout=stop_timeout, handshake_timeout=handshake_timeout)
         self._thread = threading.Thread(target=self._run, name="virtiofs-backend", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):

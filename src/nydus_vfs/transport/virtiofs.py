@@ -25,6 +25,15 @@ shows up as a fresh FUSE INIT (the server resets itself).  When the front-end
 disconnects, in-flight work is cancelled, the FUSE session is closed
 (``server.close()``) and the next front-end is accepted.
 
+Front-ends are served one at a time, so one that connects and never completes
+the device-realize handshake (vhost-user-fs.md §1.2 block A, which QEMU sends
+at once on connect and which ends with SET_VRING_CALL per queue) would keep
+every other front-end waiting in the listen backlog.  ``handshake_timeout``
+bounds that: a connection that has not set up any vring (call or kick fd) nor
+SET_FEATURES by then is dropped with a log line and the next one accepted.  A
+front-end that did complete block A and is waiting for its guest's driver
+(block B can come minutes later under TCG) is never timed out.
+
 Queues: 0 is hiprio (FORGET and friends: no reply, used length 0); 1..n are
 request queues, all served the same way.  Hiprio never waits behind request
 work: it is drained before each request-queue batch.
@@ -76,6 +85,8 @@ _HIPRIO = 0
 _BYTES = (bytes, bytearray, memoryview)
 # A queue whose kick fd is NOFD ("poll instead of waiting for a kick").
 _POLL_INTERVAL = 0.001
+#: Pending connections the listening socket holds while one front-end is served.
+_BACKLOG = 16
 
 
 class _LogBudget:
@@ -142,10 +153,34 @@ class _Connection:
         self.deferred_timer: asyncio.TimerHandle | None = None
         self.broken_logged: set[int] = set()
         self.note = _LogBudget(loop)
+        self.handshake_timer: asyncio.TimerHandle | None = None
 
     # -- lifetime --------------------------------------------------------------
     def start(self) -> None:
         self._watch_socket(True)
+        timeout = self.t.handshake_timeout
+        if timeout and timeout > 0:
+            self.handshake_timer = self.loop.call_later(timeout, self._handshake_overdue)
+
+    def _handshake_done(self) -> bool:
+        """True once the front-end set up a vring fd or SET_FEATURES (block A complete)."""
+        dev = self.dev
+        if dev.features:
+            return True
+        for q in range(dev.num_queues):
+            info = dev.queue_info(q)
+            if info.call_fd >= 0 or info.kick_fd >= 0 or info.running:
+                return True
+        return False
+
+    def _handshake_overdue(self) -> None:
+        self.handshake_timer = None
+        if self.closed or self._handshake_done():
+            return
+        reason = (f"vhost-user front-end did not complete the handshake within "
+                  f"{self.t.handshake_timeout:g}s (no vring set up); dropping the connection")
+        log.warning("%s", reason)
+        self.close(TransportError(reason))
 
     def close(self, exc: BaseException | None = None) -> None:
         """Tear everything down (idempotent); in-flight tasks are cancelled, never pushed."""
@@ -153,6 +188,9 @@ class _Connection:
             return
         self.closed = True
         self._watch_socket(False)
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
         for fd in self.watched.values():
             if fd >= 0:
                 self.loop.remove_reader(fd)
@@ -193,6 +231,9 @@ class _Connection:
         if ev & EV_LOG:
             for line in self.dev.take_log():
                 self.note(logging.WARNING, "vhost-user: %s", line)
+        if self.handshake_timer is not None and self._handshake_done():
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
         if ev & EV_QUEUES:
             self._reconcile()
             if self.closed:
@@ -466,17 +507,22 @@ class VirtioFsTransport:
     the same ``handle(request, out_capacity)`` and ``close()``).  ``config``
     tunes what the shim offers and enforces (:class:`ShimConfig`); ``batch`` is
     how many requests one pop returns; ``stop_timeout`` bounds how long a queue
-    stop (GET_VRING_BASE) waits for in-flight requests before cancelling them.
+    stop (GET_VRING_BASE) waits for in-flight requests before cancelling them;
+    ``handshake_timeout`` how long a new front-end may take to set up its first
+    vring before it is dropped (0 or None: wait forever).
 
     Raises :class:`~nydus_vfs._native.binding.NativeShimUnavailable` at
     construction when the C shim is not built.
     """
 
     def __init__(self, server: Any, *, config: ShimConfig | None = None, batch: int = 64,
-                 stop_timeout: float = 30.0) -> None:
+                 stop_timeout: float = 30.0, handshake_timeout: float | None = 10.0) -> None:
         binding.require()
         if batch < 1:
             raise ConfigError(f"batch={batch}: must be at least 1")
+        if handshake_timeout is not None and handshake_timeout < 0:
+            raise ConfigError(f"handshake_timeout={handshake_timeout}: must not be negative")
+        self.handshake_timeout = handshake_timeout
         self.server = server
         self.config = config
         self.batch = batch
@@ -567,7 +613,7 @@ def _listen(sock: str | os.PathLike | socket.socket) -> tuple[socket.socket, str
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(path)
-        listener.listen(1)
+        listener.listen(_BACKLOG)
     except OSError as exc:
         listener.close()
         raise TransportError(f"cannot listen on vhost-user socket {path}: {exc.strerror}") from None
@@ -577,12 +623,14 @@ def _listen(sock: str | os.PathLike | socket.socket) -> tuple[socket.socket, str
 
 async def serve_virtiofs(sock_path: str | os.PathLike | socket.socket, server: Any, *,
                          stop_event: asyncio.Event, config: ShimConfig | None = None,
-                         batch: int = 64, stop_timeout: float = 30.0) -> None:
+                         batch: int = 64, stop_timeout: float = 30.0,
+                         handshake_timeout: float | None = 10.0) -> None:
     """``nydusd virtiofs``: serve ``server`` on the vhost-user socket until ``stop_event`` is set.
 
     Raises :class:`~nydus_vfs._native.binding.NativeShimUnavailable` (a
     TransportError saying how to build the shim) before listening when the C
     shim is missing.
     """
-    transport = VirtioFsTransport(server, config=config, batch=batch, stop_timeout=stop_timeout)
+    transport = VirtioFsTransport(server, config=config, batch=batch, stop_timeout=stop_timeout,
+                                  handshake_timeout=handshake_timeout)
     await transport.serve(sock_path, stop_event=stop_event)
