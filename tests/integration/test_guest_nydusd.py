@@ -507,10 +507,10 @@ async def _read_through_api(boot: pathlib.Path, blob_dir: pathlib.Path, cache: p
     try:
         out = {}
         for name in names:
-            ino = fs.lookup(fs.root_ino, name.encode())
+            ino = fs.lookup(fs.root_ino, name.encode()).nodeid
             data = bytearray()
             while True:
-                reply = await fs.read(ino, len(data), 1 << 20)
+                reply = await fs.read(ino, 0, len(data), 1 << 20)
                 parts = reply if isinstance(reply, list) else [reply]
                 before = len(data)
                 for part in parts:

@@ -313,7 +313,7 @@ def _resolve(fs: RafsFs, path: str) -> int | None:
         if not name or name == b".":
             continue
         try:
-            ino = fs.lookup(ino, name)
+            ino = fs.lookup(ino, name).nodeid
         except FsError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                 log.warning("%s: prefetch file %s: %s", fs.source, path, exc)

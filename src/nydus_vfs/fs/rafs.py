@@ -1,9 +1,12 @@
 """One RAFS image (v5 or v6) as a read-only filesystem over a blob device.
 
-``RafsFs`` answers in *local* inode numbers (v5: the inode index, v6: the nid).
-It is not handed to the FUSE server directly: the :class:`~nydus_vfs.fs.vfs.Vfs`
-mounts it at a pseudo path and translates nodeids, so the FUSE root (nodeid 1)
-and inode numbers of several images never collide.
+``RafsFs`` implements :class:`~nydus_vfs.fs._seam.FileSystem` in *local* inode
+numbers (v5: the inode index, v6: the nid).  It is not handed to the FUSE
+server directly: the :class:`~nydus_vfs.fs.vfs.Vfs` mounts it at a pseudo path
+and translates nodeids, so the FUSE root (nodeid 1) and inode numbers of
+several images never collide.  It is immutable and read-only: every write
+method answers EROFS (:class:`~nydus_vfs.fs._seam.ReadOnlyFs`), as does an
+OPEN asking for write access or O_TRUNC.
 
 Strategy: metadata comes from the sans-IO :class:`~nydus_vfs.format.Bootstrap`
 (the bytes of the bootstrap, usually an mmap) and is memoised per inode the first
@@ -26,17 +29,26 @@ from collections.abc import Iterator
 from ..errors import FormatError, FsError, StorageError
 from ..format import Bootstrap, NoSuchInodeError, blob_id_from_meta_path
 from ..format.types import ChunkInfo
-from ..fuse.ops import Attr, Context, ReadData, StatFs
+from ..fuse.ops import Attr, Context, DirEntry, Entry, ReadData, StatFs
 from ..utils.ratelog import LogLimiter
+from ._seam import ReadOnlyFs
 
 __all__ = ["RafsFs"]
 
 log = logging.getLogger("nydus_vfs.fs")
 
 _CHUNK_CACHE_MAX = 4096
+#: An image never changes while mounted: the kernel may cache for a day.
+_TIMEOUT = 86400.0
+
+_FOPEN_KEEP_CACHE = 1 << 1
+_FOPEN_CACHE_DIR = 1 << 3
+# Guest open(2) flags (asm-generic): write access modes, O_CREAT, O_EXCL, O_TRUNC.
+_O_ACCMODE = 0o3
+_O_WRITE_BITS = 0o100 | 0o200 | 0o1000
 
 
-class RafsFs:
+class RafsFs(ReadOnlyFs):
     """A RAFS instance: the bootstrap and the blob device that serves its chunks.
 
     Xattrs are served when ``enable_xattr`` (the upstream config key) is set *or*
@@ -111,8 +123,11 @@ class RafsFs:
         return Attr(ino, mode, size=node.size, blocks=blocks, nlink=node.nlink, uid=uid, gid=gid,
                     rdev=rdev, mtime=node.mtime, mtimensec=node.mtime_nsec)
 
-    def lookup(self, parent: int, name: bytes) -> int:
-        """Local inode of ``name`` in directory ``parent``; FsError(ENOENT/ENOTDIR)."""
+    def getattr(self, ino: int, fh: int | None = None, ctx: Context | None = None) -> Attr:
+        return self.attr(ino)
+
+    def lookup(self, parent: int, name: bytes, ctx: Context | None = None) -> Entry:
+        """``name`` in directory ``parent`` (local inode numbers); FsError(ENOENT/ENOTDIR/EIO)."""
         if not stat.S_ISDIR(self.attr(parent).mode):
             raise FsError(errno.ENOTDIR)
         try:
@@ -122,9 +137,9 @@ class RafsFs:
             raise FsError(errno.EIO) from None
         if ino is None:
             raise FsError(errno.ENOENT)
-        return ino
+        return Entry(ino, self.attr(ino), 0, _TIMEOUT, _TIMEOUT)
 
-    def readlink(self, ino: int) -> bytes:
+    def readlink(self, ino: int, ctx: Context | None = None) -> bytes:
         if not stat.S_ISLNK(self.attr(ino).mode):
             raise FsError(errno.EINVAL)
         try:
@@ -132,6 +147,41 @@ class RafsFs:
         except FormatError as exc:
             log.error("%s: symlink %d is corrupt: %s", self.source, ino, exc)
             raise FsError(errno.EIO) from None
+
+    def open(self, ino: int, flags: int, ctx: Context | None = None) -> tuple[int, int]:
+        """No per-open state: fh 0, page cache kept.  Directories EISDIR, devices and fifos
+        ENXIO (only regular files carry data), write access or O_TRUNC EROFS."""
+        mode = self.attr(ino).mode
+        if stat.S_ISDIR(mode):
+            raise FsError(errno.EISDIR)
+        if not stat.S_ISREG(mode):
+            raise FsError(errno.ENXIO)
+        if flags & _O_ACCMODE or flags & _O_WRITE_BITS:
+            raise FsError(errno.EROFS)
+        return 0, _FOPEN_KEEP_CACHE
+
+    def opendir(self, ino: int, flags: int, ctx: Context | None = None) -> tuple[int, int]:
+        if not stat.S_ISDIR(self.attr(ino).mode):
+            raise FsError(errno.ENOTDIR)
+        return 0, _FOPEN_KEEP_CACHE | _FOPEN_CACHE_DIR
+
+    def readdir(self, ino: int, fh: int, offset: int, plus: bool,
+                ctx: Context | None = None) -> Iterator[DirEntry]:
+        """Entries from cookie ``offset``, "." and ".." included (local inode numbers)."""
+        it = self.children(ino, offset)
+        if not plus:
+            # tuple.__new__ builds the DirEntry without a Python-level __new__ frame:
+            # this runs once per entry on the READDIR(PLUS) path.
+            new = tuple.__new__
+            return (new(DirEntry, (name, child, dtype, next_pos, None)) for next_pos, name, child, dtype in it)
+        return self._readdirplus(it)
+
+    def _readdirplus(self, it) -> Iterator[DirEntry]:
+        for next_pos, name, child, dtype in it:
+            if name == b"." or name == b"..":
+                yield DirEntry(name, child, dtype, next_pos)
+            else:
+                yield DirEntry(name, child, dtype, next_pos, Entry(child, self.attr(child), 0, _TIMEOUT, _TIMEOUT))
 
     def children(self, ino: int, start: int) -> Iterator[tuple[int, bytes, int, int]]:
         """``(next_cookie, name, ino, dtype)`` from cookie ``start``; includes "." and "..".
@@ -150,6 +200,15 @@ class RafsFs:
             log.error("%s: directory %d is corrupt: %s", self.source, ino, exc)
             raise FsError(errno.EIO) from None
 
+    def getxattr(self, ino: int, name: bytes, ctx: Context | None = None) -> bytes:
+        value = self.xattrs(ino).get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int, ctx: Context | None = None) -> list[bytes]:
+        return list(self.xattrs(ino))
+
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         if not self.xattr_supported:
             raise FsError(errno.ENOSYS)
@@ -160,7 +219,7 @@ class RafsFs:
             log.error("%s: xattrs of inode %d are corrupt: %s", self.source, ino, exc)
             raise FsError(errno.EIO) from None
 
-    def statfs(self) -> StatFs:
+    def statfs(self, ino: int = 0, ctx: Context | None = None) -> StatFs:
         b = self.bootstrap
         blocks = sum(blob.uncompressed_size for blob in b.blobs) // 4096
         files = b.inodes_count
@@ -221,7 +280,7 @@ class RafsFs:
             i += 1
         return iovec, chunks, first
 
-    async def read(self, ino: int, offset: int, size: int) -> ReadData:
+    async def read(self, ino: int, fh: int, offset: int, size: int, ctx: Context | None = None) -> ReadData:
         iovec, chunks, first = self._plan(ino, offset, size)
         if not iovec:
             return b""
@@ -236,6 +295,20 @@ class RafsFs:
                 self._limiter.log(logging.ERROR, (ino, type(exc).__name__),
                              "%s: read of inode %d [%d, +%d) failed: %s", self.source, ino, offset, size, exc)
             raise FsError(errno.EIO) from None
+
+    def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE: an image file has no holes (its data is all chunks)."""
+        a = self.attr(ino)
+        if whence in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
+            # The kernel handles these itself; answer the plain semantics anyway.
+            return offset if whence != os.SEEK_END else a.size + offset
+        if offset < 0 or offset >= a.size:
+            raise FsError(errno.ENXIO)
+        if whence == os.SEEK_DATA:
+            return offset
+        if whence == os.SEEK_HOLE:
+            return a.size
+        raise FsError(errno.EINVAL)
 
     # -- permission check for ACCESS (only sent without default_permissions) ----------
     def access(self, ino: int, mask: int, ctx: Context) -> None:

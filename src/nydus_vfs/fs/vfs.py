@@ -1,4 +1,4 @@
-"""The pseudo-mount VFS: several RAFS instances inside one FUSE/virtio-fs export.
+"""The pseudo-mount VFS: several filesystem instances inside one FUSE/virtio-fs export.
 
 Goals:
   * One export, many images: nydusd mounts each image at a *pseudo path*
@@ -15,21 +15,42 @@ Goals:
 
 ``st_ino`` reported for every inode is its nodeid, so hardlinks inside one image
 share an ``st_ino`` and inodes of different images never do.
+
+Instances implement :class:`~nydus_vfs.fs._seam.FileSystem` over local inode
+numbers (RAFS images, passthrough directories); every FUSE op for an instance
+goes through :meth:`Vfs._resolve` (nodeid -> instance, local inode) and its
+answer through the ``_export_*`` helpers (local -> nodeid).  Immutable
+instances (RAFS) get their attributes and lookups memoised here; the others
+are asked every time.  Per-instance accounting (fop_hits/fop_errors,
+nydus-surface.md §3.5) belongs in one spot: wrap the instance when it is
+attached in :meth:`Vfs.mount`, and count the memoised GETATTR/LOOKUP answers in
+the two cache-hit branches.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import stat
 import time
 from collections import deque
 from collections.abc import Iterator
 
 from ..errors import FsError
-from ..fuse.ops import ROOT_ID, Attr, ConnInfo, Context, DirEntry, Entry, Operations, ReadData, StatFs
-from .rafs import RafsFs
+from ..fuse.ops import (
+    ROOT_ID,
+    Attr,
+    ConnInfo,
+    Context,
+    DirEntry,
+    Entry,
+    FileLock,
+    Operations,
+    ReadData,
+    SetAttr,
+    StatFs,
+)
+from ._seam import FileSystem
 
 __all__ = ["Vfs", "MAX_INSTANCES"]
 
@@ -44,9 +65,8 @@ MAX_INSTANCES = 255
 _PSEUDO_TIMEOUT = 1.0
 _IMAGE_TIMEOUT = 86400.0
 
-_FOPEN_KEEP_CACHE = 1 << 1
-_FOPEN_CACHE_DIR = 1 << 3
 _DT_DIR = 4
+_NO_CTX = Context()
 
 _LOOKUP_CACHE_MAX = 1 << 20
 
@@ -68,7 +88,15 @@ class _PseudoNode:
 
 
 class Vfs(Operations):
-    """FUSE ``Operations`` over a pseudo tree holding RAFS instances.
+    """FUSE ``Operations`` over a pseudo tree holding filesystem instances.
+
+    ``writable``: the export may hold instances that are not immutable
+    (passthrough directories, read-write or not).  Such instances need every
+    OPEN, OPENDIR and FLUSH, so a writable VFS never takes the kernel's
+    connection-wide ENOSYS shortcuts for them (``NO_OPEN_SUPPORT``), and a
+    non-writable VFS refuses to mount them (EPERM).  Serve a writable VFS with
+    ``FuseServer(vfs, readonly=False)`` to let write opcodes through; RAFS
+    instances still answer them EROFS.
 
     Thread-safety: none needed; the daemon runs one event loop and all mount
     changes happen on it.
@@ -77,12 +105,13 @@ class Vfs(Operations):
     attr_timeout = _IMAGE_TIMEOUT
     entry_timeout = _IMAGE_TIMEOUT
 
-    def __init__(self) -> None:
+    def __init__(self, *, writable: bool = False) -> None:
+        self.writable = writable
         self._root = _PseudoNode(ROOT_ID, b"/", None)
         self._root.parent = self._root
         self._pseudo: dict[int, _PseudoNode] = {ROOT_ID: self._root}
         self._next_pseudo = ROOT_ID + 1
-        self._instances: dict[int, RafsFs] = {}
+        self._instances: dict[int, FileSystem] = {}
         self._paths: dict[int, str] = {}
         self._free = deque(range(1, MAX_INSTANCES + 1))
         self._root_index: int | None = None
@@ -91,13 +120,18 @@ class Vfs(Operations):
         self._skip_open = False
         self._skip_opendir = False
 
-    # -- mount table (Python API; the HTTP API drives it later) ------------------------
-    def mount(self, path: str, fs: RafsFs) -> int:
+    # -- mount table (Python API; the HTTP API drives it) -------------------------------
+    def mount(self, path: str, fs: FileSystem) -> int:
         """Mount ``fs`` at pseudo ``path``; returns its instance index.
 
         FsError(EEXIST) if something is mounted there, EINVAL for a bad path,
-        ENOSPC when all 255 instance slots are used.
+        EBUSY under another mountpoint, ENOSPC when all 255 instance slots are
+        used, EPERM for a non-immutable instance in a VFS built without
+        ``writable``.
         """
+        if not fs.immutable and not self.writable:
+            raise FsError(errno.EPERM, f"{path}: {fs.source or 'this filesystem'} changes under the guest and "
+                                       "needs a writable VFS (OPEN/FLUSH must reach it)")
         parts = _split(path)
         node = self._root
         for part in parts:
@@ -122,10 +156,10 @@ class Vfs(Operations):
         if node is self._root:
             self._root_index = idx
         self._invalidate()
-        log.info("mounted %s at %s (instance %d)", fs.source or "rafs", self._paths[idx], idx)
+        log.info("mounted %s at %s (instance %d)", fs.source or type(fs).__name__, self._paths[idx], idx)
         return idx
 
-    def umount(self, path: str) -> RafsFs:
+    def umount(self, path: str) -> FileSystem:
         """Unmount the instance at ``path`` and return it (the caller closes it)."""
         node = self._node_at(path)
         if node is None or node.mount is None:
@@ -141,11 +175,11 @@ class Vfs(Operations):
         log.info("unmounted %s (instance %d)", path, idx)
         return fs
 
-    def instance_at(self, path: str) -> RafsFs | None:
+    def instance_at(self, path: str) -> FileSystem | None:
         node = self._node_at(path)
         return None if node is None or node.mount is None else self._instances[node.mount]
 
-    def mounts(self) -> dict[str, RafsFs]:
+    def mounts(self) -> dict[str, FileSystem]:
         return {self._paths[i]: fs for i, fs in self._instances.items()}
 
     def _node_at(self, path: str) -> _PseudoNode | None:
@@ -160,9 +194,10 @@ class Vfs(Operations):
         self._attr_cache.clear()
         self._lookup_cache.clear()
 
-    # -- nodeid translation ------------------------------------------------------------
-    def _resolve(self, nodeid: int) -> tuple[RafsFs | None, int]:
-        """(instance, local ino) for an image nodeid, (None, pseudo ino) for a pseudo one."""
+    # -- nodeid translation --------------------------------------------------------------
+    def _resolve(self, nodeid: int) -> tuple[FileSystem | None, int]:
+        """The one routing point: (instance, local ino) for an instance nodeid,
+        (None, pseudo ino) for a pseudo directory; ESTALE after an unmount."""
         idx = nodeid >> _INDEX_SHIFT
         if idx == 0:
             if nodeid == ROOT_ID and self._root_index is not None:
@@ -180,10 +215,10 @@ class Vfs(Operations):
             raise FsError(errno.ESTALE)
         return fs, nodeid & _LOCAL_MASK
 
-    def _global(self, idx: int, fs: RafsFs, local: int) -> int:
+    def _global(self, idx: int, fs: FileSystem, local: int) -> int:
         if local == fs.root_ino and idx == self._root_index:
             return ROOT_ID
-        if local > _LOCAL_MASK:
+        if local > _LOCAL_MASK or local <= 0:
             raise FsError(errno.EOVERFLOW)
         return (idx << _INDEX_SHIFT) | local
 
@@ -197,41 +232,85 @@ class Vfs(Operations):
                 return node.mount
         return idx
 
-    def _image_attr(self, idx: int, fs: RafsFs, local: int) -> Attr:
+    def _instance(self, nodeid: int) -> tuple[int, FileSystem, int]:
+        """(index, instance, local ino); EROFS for a pseudo directory (nothing can be written there)."""
+        fs, local = self._resolve(nodeid)
+        if fs is None:
+            raise FsError(errno.EROFS)
+        return self._index_of(nodeid), fs, local
+
+    def _instance_attr(self, idx: int, fs: FileSystem, local: int) -> Attr:
+        """Attributes of a local inode with ``ino`` = its nodeid (memoised for immutable instances)."""
+        if not fs.immutable:
+            return self._export_attr(idx, fs, fs.getattr(local, None, _NO_CTX))
         gid = self._global(idx, fs, local)
         a = self._attr_cache.get(gid)
         if a is None:
-            src = fs.attr(local)
+            src = fs.getattr(local, None, _NO_CTX)
             a = Attr(gid, src.mode, size=src.size, blocks=src.blocks, nlink=src.nlink, uid=src.uid,
                      gid=src.gid, rdev=src.rdev, mtime=src.mtime, mtimensec=src.mtimensec)
             self._attr_cache[gid] = a
         return a
 
-    def _entry_for(self, idx: int, fs: RafsFs, local: int) -> Entry:
-        a = self._image_attr(idx, fs, local)
+    def _export_attr(self, idx: int, fs: FileSystem, attr: Attr) -> Attr:
+        """A fresh Attr of a mutable instance, ``ino`` rewritten in place (the seam gives it to us)."""
+        attr.ino = self._global(idx, fs, attr.ino)
+        attr._packed = None
+        return attr
+
+    def _export_entry(self, idx: int, fs: FileSystem, e: Entry) -> Entry:
+        if fs.immutable:
+            return self._entry_for(idx, fs, e.nodeid)
+        if not e.nodeid:
+            return e  # a negative entry carries no inode
+        gid = self._global(idx, fs, e.nodeid)
+        attr = e.attr
+        attr.ino = gid
+        attr._packed = None
+        return Entry(gid, attr, e.generation, e.entry_timeout, e.attr_timeout)
+
+    def _entry_for(self, idx: int, fs: FileSystem, local: int) -> Entry:
+        a = self._instance_attr(idx, fs, local)
         return Entry(a.ino, a, 0, _IMAGE_TIMEOUT, _IMAGE_TIMEOUT)
 
     def _pseudo_entry(self, node: _PseudoNode) -> Entry:
         if node.mount is not None:
             fs = self._instances[node.mount]
-            a = self._image_attr(node.mount, fs, fs.root_ino)
+            a = self._instance_attr(node.mount, fs, fs.root_ino)
             # The mountpoint itself may be unmounted at any time: short timeouts.
             return Entry(a.ino, a, 0, _PSEUDO_TIMEOUT, _PSEUDO_TIMEOUT)
         return Entry(node.ino, node.attr, 0, _PSEUDO_TIMEOUT, _PSEUDO_TIMEOUT)
 
-    # -- Operations ------------------------------------------------------------------------
+    # -- session -------------------------------------------------------------------------
     def init(self, conn: ConnInfo) -> None:
         # An immutable image needs no per-open state: where the kernel supports it,
         # answering OPEN/OPENDIR with ENOSYS makes it stop sending them (and their
         # RELEASEs), two round trips per file saved.  Kernels without the
         # NO_OPEN(DIR)_SUPPORT flags would fail the open instead, so ask first.
-        self._skip_open = bool(conn.kernel_flags & _NO_OPEN_SUPPORT)
-        self._skip_opendir = bool(conn.kernel_flags & _NO_OPENDIR_SUPPORT)
+        # The kernel remembers the ENOSYS for the whole connection, so a
+        # writable VFS (which may hold passthrough instances) never uses it.
+        self._skip_open = not self.writable and bool(conn.kernel_flags & _NO_OPEN_SUPPORT)
+        self._skip_opendir = not self.writable and bool(conn.kernel_flags & _NO_OPENDIR_SUPPORT)
         log.debug("FUSE session started: %s", conn)
 
     def destroy(self) -> None:
+        for fs in list(self._instances.values()):
+            try:
+                fs.destroy()
+            except Exception:
+                log.exception("%s: destroy() raised; it must not", fs.source)
         log.debug("FUSE session ended")
 
+    def release_inode(self, nodeid: int) -> None:
+        idx = nodeid >> _INDEX_SHIFT
+        if idx == 0:
+            return  # pseudo directories (and nodeid 1) live as long as the VFS
+        fs = self._instances.get(idx)
+        local = nodeid & _LOCAL_MASK
+        if fs is not None and local != fs.root_ino:
+            fs.release_inode(local)
+
+    # -- names and attributes ---------------------------------------------------------------
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         key = (parent, name)
         e = self._lookup_cache.get(key)
@@ -244,7 +323,10 @@ class Vfs(Operations):
                 raise FsError(errno.ENOENT)
             return self._pseudo_entry(child)
         idx = self._index_of(parent)
-        e = self._entry_for(idx, fs, fs.lookup(local, name))
+        found = fs.lookup(local, name, ctx)
+        if not fs.immutable:
+            return self._export_entry(idx, fs, found)
+        e = self._entry_for(idx, fs, found.nodeid)
         if len(self._lookup_cache) >= _LOOKUP_CACHE_MAX:
             self._lookup_cache.clear()
         self._lookup_cache[key] = e
@@ -257,100 +339,151 @@ class Vfs(Operations):
         fs, local = self._resolve(nodeid)
         if fs is None:
             return self._pseudo[local].attr
-        return self._image_attr(self._index_of(nodeid), fs, local)
+        idx = self._index_of(nodeid)
+        if fs.immutable:
+            return self._instance_attr(idx, fs, local)
+        return self._export_attr(idx, fs, fs.getattr(local, fh, ctx))
 
     def readlink(self, nodeid: int, ctx: Context) -> bytes:
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EINVAL)
-        return fs.readlink(local)
+        return fs.readlink(local, ctx)
 
+    def statfs(self, nodeid: int, ctx: Context) -> StatFs:
+        fs, local = self._resolve(nodeid)
+        return StatFs() if fs is None else fs.statfs(local, ctx)
+
+    def getxattr(self, nodeid: int, name: bytes, ctx: Context) -> bytes:
+        fs, local = self._resolve(nodeid)
+        if fs is None:
+            raise FsError(errno.ENODATA)
+        return fs.getxattr(local, name, ctx)
+
+    def listxattr(self, nodeid: int, ctx: Context) -> list[bytes]:
+        fs, local = self._resolve(nodeid)
+        if fs is None:
+            return []
+        return fs.listxattr(local, ctx)
+
+    def access(self, nodeid: int, mask: int, ctx: Context) -> None:
+        fs, local = self._resolve(nodeid)
+        if fs is None:
+            if mask & 2:  # W_OK
+                raise FsError(errno.EROFS)
+            return
+        fs.access(local, mask, ctx)
+
+    # -- files ---------------------------------------------------------------------------------
     def open(self, nodeid: int, flags: int, ctx: Context) -> tuple[int, int]:
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EISDIR)
-        mode = fs.attr(local).mode
-        if stat.S_ISDIR(mode):
-            raise FsError(errno.EISDIR)
-        if not stat.S_ISREG(mode):
-            # Only regular files carry data; devices and fifos are never opened here.
-            raise FsError(errno.ENXIO)
+        opened = fs.open(local, flags, ctx)  # type errors (EISDIR, ENXIO, EROFS) win over skipping
         if self._skip_open:
             raise FsError(errno.ENOSYS)
-        return 0, _FOPEN_KEEP_CACHE
-
-    def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
-        # Nothing to flush on a read-only image; ENOSYS stops the kernel sending a
-        # synchronous FLUSH on every close(2), as nydusd does.
-        raise FsError(errno.ENOSYS)
+        return opened
 
     async def read(self, nodeid: int, fh: int, offset: int, size: int, ctx: Context) -> ReadData:
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EISDIR)
-        return await fs.read(local, offset, size)
+        return await fs.read(local, fh, offset, size, ctx)
+
+    def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
+        if not self.writable:
+            # Nothing to flush on read-only images; ENOSYS stops the kernel sending a
+            # synchronous FLUSH on every close(2), as nydusd does.
+            raise FsError(errno.ENOSYS)
+        fs, local = self._resolve(nodeid)
+        if fs is not None:
+            fs.flush(local, fh, lock_owner)
+
+    def release(self, nodeid: int, fh: int, flags: int) -> None:
+        fs, local = self._resolve(nodeid)
+        if fs is not None:
+            fs.release(local, fh, flags)
+
+    def fsync(self, nodeid: int, fh: int, datasync: bool) -> None:
+        fs, local = self._resolve(nodeid)
+        if fs is not None:
+            fs.fsync(local, fh, datasync)
 
     def lseek(self, nodeid: int, fh: int, offset: int, whence: int) -> int:
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EINVAL)
-        a = fs.attr(local)
-        if whence in (os.SEEK_SET, os.SEEK_CUR, os.SEEK_END):
-            # The kernel handles these itself; answer the plain semantics anyway.
-            return offset if whence != os.SEEK_END else a.size + offset
-        if offset < 0 or offset >= a.size:
-            raise FsError(errno.ENXIO)
-        if whence == os.SEEK_DATA:
-            return offset
-        if whence == os.SEEK_HOLE:
-            return a.size
-        raise FsError(errno.EINVAL)
+        return fs.lseek(local, fh, offset, whence)
 
+    # -- directories ------------------------------------------------------------------------------
     def opendir(self, nodeid: int, flags: int, ctx: Context) -> tuple[int, int]:
         fs, local = self._resolve(nodeid)
         if fs is not None:
-            if not stat.S_ISDIR(fs.attr(local).mode):
-                raise FsError(errno.ENOTDIR)
+            opened = fs.opendir(local, flags, ctx)
             if self._skip_opendir:
                 raise FsError(errno.ENOSYS)
-            return 0, _FOPEN_KEEP_CACHE | _FOPEN_CACHE_DIR
+            return opened
         if self._skip_opendir:
             # The kernel then caches pseudo listings too; they are revalidated by
             # the directory's mtime, which changes with every new child.
             raise FsError(errno.ENOSYS)
         return 0, 0
 
+    def releasedir(self, nodeid: int, fh: int) -> None:
+        fs, local = self._resolve(nodeid)
+        if fs is not None:
+            fs.releasedir(local, fh)
+
+    def fsyncdir(self, nodeid: int, fh: int, datasync: bool) -> None:
+        fs, local = self._resolve(nodeid)
+        if fs is not None:
+            fs.fsyncdir(local, fh, datasync)
+
     def readdir(self, nodeid: int, fh: int, offset: int, ctx: Context) -> Iterator[DirEntry]:
-        return self._readdir(nodeid, offset, plus=False)
+        return self._readdir(nodeid, fh, offset, False, ctx)
 
     def readdirplus(self, nodeid: int, fh: int, offset: int, ctx: Context) -> Iterator[DirEntry]:
-        return self._readdir(nodeid, offset, plus=True)
+        return self._readdir(nodeid, fh, offset, True, ctx)
 
-    def _readdir(self, nodeid: int, offset: int, plus: bool) -> Iterator[DirEntry]:
+    def _readdir(self, nodeid: int, fh: int, offset: int, plus: bool, ctx: Context) -> Iterator[DirEntry]:
         fs, local = self._resolve(nodeid)
         if fs is None:
             return self._pseudo_readdir(self._pseudo[local], offset, plus)
-        return self._image_readdir(self._index_of(nodeid), fs, local, offset, plus)
-
-    def _image_readdir(self, idx: int, fs: RafsFs, local: int, offset: int,
-                       plus: bool) -> Iterator[DirEntry]:
-        # Validate eagerly so ENOTDIR/EIO surface from the call, not mid-iteration.
-        it = fs.children(local, offset)
+        idx = self._index_of(nodeid)
         dirself = self._global(idx, fs, local)
+        if fs.immutable:
+            # Entries come from the memoised attrs here, so the instance lists names only.
+            it = fs.readdir(local, fh, offset, False, ctx)
+            return self._immutable_readdir(idx, fs, it, dirself, plus)
+        return self._mutable_readdir(idx, fs, fs.readdir(local, fh, offset, plus, ctx), dirself)
 
-        def gen() -> Iterator[DirEntry]:
-            for next_pos, name, ino, dtype in it:
-                if name == b"." or name == b"..":
-                    d_ino = dirself if name == b"." else self._global(idx, fs, ino)
-                    yield DirEntry(name, d_ino, dtype, next_pos, None)
+    def _immutable_readdir(self, idx: int, fs: FileSystem, it, dirself: int, plus: bool) -> Iterator[DirEntry]:
+        for name, ino, dtype, next_pos, _ in it:
+            if name == b"." or name == b"..":
+                d_ino = dirself if name == b"." else self._global(idx, fs, ino)
+                yield DirEntry(name, d_ino, dtype, next_pos, None)
+                continue
+            if plus:
+                e = self._entry_for(idx, fs, ino)
+                yield DirEntry(name, e.nodeid, dtype, next_pos, e)
+            else:
+                yield DirEntry(name, self._global(idx, fs, ino), dtype, next_pos, None)
+
+    def _mutable_readdir(self, idx: int, fs: FileSystem, it, dirself: int) -> Iterator[DirEntry]:
+        try:
+            for name, ino, dtype, next_pos, e in it:
+                if name == b".":
+                    yield DirEntry(name, dirself, dtype, next_pos, None)
                     continue
-                if plus:
-                    e = self._entry_for(idx, fs, ino)
+                if e is not None:
+                    e = self._export_entry(idx, fs, e)
                     yield DirEntry(name, e.nodeid, dtype, next_pos, e)
                 else:
-                    yield DirEntry(name, self._global(idx, fs, ino), dtype, next_pos, None)
-
-        return gen()
+                    yield DirEntry(name, self._global(idx, fs, ino) if ino else 0, dtype, next_pos, None)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def _pseudo_readdir(self, node: _PseudoNode, offset: int, plus: bool) -> Iterator[DirEntry]:
         items: list[tuple[bytes, int, Entry | None]] = [
@@ -365,32 +498,94 @@ class Vfs(Operations):
             name, ino, e = items[pos]
             yield DirEntry(name, ino, _DT_DIR, pos + 1, e)
 
-    def statfs(self, nodeid: int, ctx: Context) -> StatFs:
-        fs, _ = self._resolve(nodeid)
-        return StatFs() if fs is None else fs.statfs()
+    # -- writes (pseudo directories are read-only; instances decide for themselves) ----------
+    def setattr(self, nodeid: int, attrs: SetAttr, ctx: Context) -> Attr:
+        idx, fs, local = self._instance(nodeid)
+        return self._export_attr(idx, fs, fs.setattr(local, attrs, ctx))
 
-    def getxattr(self, nodeid: int, name: bytes, ctx: Context) -> bytes:
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, umask: int, ctx: Context) -> Entry:
+        idx, fs, local = self._instance(parent)
+        return self._export_entry(idx, fs, fs.mknod(local, name, mode, rdev, umask, ctx))
+
+    def mkdir(self, parent: int, name: bytes, mode: int, umask: int, ctx: Context) -> Entry:
+        idx, fs, local = self._instance(parent)
+        return self._export_entry(idx, fs, fs.mkdir(local, name, mode, umask, ctx))
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        idx, fs, local = self._instance(parent)
+        return self._export_entry(idx, fs, fs.symlink(local, name, target, ctx))
+
+    def _same_instance(self, fs: FileSystem, nodeid: int) -> int:
+        """Local ino of ``nodeid``, which must belong to instance ``fs`` (EXDEV otherwise)."""
+        other, local = self._resolve(nodeid)
+        if other is not fs:
+            raise FsError(errno.EXDEV)
+        return local
+
+    def link(self, nodeid: int, newparent: int, newname: bytes, ctx: Context) -> Entry:
+        idx, fs, local_parent = self._instance(newparent)
+        local = self._same_instance(fs, nodeid)
+        return self._export_entry(idx, fs, fs.link(local, local_parent, newname, ctx))
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        _, fs, local = self._instance(parent)
+        fs.unlink(local, name, ctx)
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        _, fs, local = self._instance(parent)
+        fs.rmdir(local, name, ctx)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int,
+               ctx: Context) -> None:
+        _, fs, local = self._instance(parent)
+        fs.rename(local, name, self._same_instance(fs, newparent), newname, flags, ctx)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, umask: int,
+               ctx: Context) -> tuple[Entry, int, int]:
+        idx, fs, local = self._instance(parent)
+        entry, fh, open_flags = fs.create(local, name, mode, flags, umask, ctx)
+        return self._export_entry(idx, fs, entry), fh, open_flags
+
+    def write(self, nodeid: int, fh: int, offset: int, data: memoryview, write_flags: int,
+              ctx: Context) -> int:
+        _, fs, local = self._instance(nodeid)
+        return fs.write(local, fh, offset, data, write_flags, ctx)
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        _, fs, local = self._instance(nodeid)
+        fs.setxattr(local, name, value, flags, ctx)
+
+    def removexattr(self, nodeid: int, name: bytes, ctx: Context) -> None:
+        _, fs, local = self._instance(nodeid)
+        fs.removexattr(local, name, ctx)
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int, ctx: Context) -> None:
+        _, fs, local = self._instance(nodeid)
+        fs.fallocate(local, fh, offset, length, mode, ctx)
+
+    def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int, fh_out: int,
+                        off_out: int, length: int, flags: int, ctx: Context) -> int:
+        _, fs, local_in = self._instance(nodeid_in)
+        local_out = self._same_instance(fs, nodeid_out)
+        return fs.copy_file_range(local_in, fh_in, off_in, local_out, fh_out, off_out, length, flags, ctx)
+
+    def getlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, ctx: Context) -> FileLock:
         fs, local = self._resolve(nodeid)
         if fs is None:
-            raise FsError(errno.ENODATA)
-        value = fs.xattrs(local).get(name)
-        if value is None:
-            raise FsError(errno.ENODATA)
-        return value
+            raise FsError(errno.ENOSYS)
+        return fs.getlk(local, fh, owner, lock, ctx)
 
-    def listxattr(self, nodeid: int, ctx: Context) -> list[bytes]:
+    def setlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
+              ctx: Context) -> None:
         fs, local = self._resolve(nodeid)
         if fs is None:
-            return []
-        return list(fs.xattrs(local))
+            raise FsError(errno.ENOSYS)
+        fs.setlk(local, fh, owner, lock, sleep, flock, ctx)
 
-    def access(self, nodeid: int, mask: int, ctx: Context) -> None:
+    def syncfs(self, nodeid: int) -> None:
         fs, local = self._resolve(nodeid)
-        if fs is None:
-            if mask & 2:  # W_OK
-                raise FsError(errno.EROFS)
-            return
-        fs.access(local, mask, ctx)
+        if fs is not None:
+            fs.syncfs(local)
 
 
 def _split(path: str) -> list[bytes]:

@@ -19,9 +19,11 @@ from .ops import (
     Context,
     DirEntry,
     Entry,
+    FileLock,
     FileSegment,
     Operations,
     ReadData,
+    SetAttr,
     StatFs,
 )
 from .server import FuseServer, SessionState
@@ -37,8 +39,10 @@ __all__ = [
     "Context",
     "DirEntry",
     "Entry",
+    "FileLock",
     "FileSegment",
     "Operations",
+    "SetAttr",
     "ReadData",
     "StatFs",
 ]

@@ -40,6 +40,23 @@ __all__ = [
     "FUSE_READ_LOCKOWNER",
     "FUSE_RELEASE_FLUSH",
     "FUSE_FSYNC_FDATASYNC",
+    "FATTR_MODE",
+    "FATTR_UID",
+    "FATTR_GID",
+    "FATTR_SIZE",
+    "FATTR_ATIME",
+    "FATTR_MTIME",
+    "FATTR_FH",
+    "FATTR_ATIME_NOW",
+    "FATTR_MTIME_NOW",
+    "FATTR_LOCKOWNER",
+    "FATTR_CTIME",
+    "FATTR_KILL_SUIDGID",
+    "FUSE_WRITE_CACHE",
+    "FUSE_WRITE_LOCKOWNER",
+    "FUSE_WRITE_KILL_SUIDGID",
+    "FUSE_LK_FLOCK",
+    "FUSE_COMPAT_SETXATTR_IN_SIZE",
     "O_ACCMODE",
     "O_RDONLY",
     "O_WRONLY",
@@ -79,6 +96,22 @@ __all__ = [
     "fuse_lseek_out",
     "fuse_syncfs_in",
     "fuse_dirent",
+    "fuse_setattr_in",
+    "fuse_mknod_in",
+    "fuse_mkdir_in",
+    "fuse_rename_in",
+    "fuse_rename2_in",
+    "fuse_link_in",
+    "fuse_write_in",
+    "fuse_write_out",
+    "fuse_create_in",
+    "fuse_setxattr_in",
+    "fuse_setxattr_in_compat",
+    "fuse_fallocate_in",
+    "fuse_copy_file_range_in",
+    "fuse_file_lock",
+    "fuse_lk_in",
+    "fuse_lk_out",
     "FUSE_ENTRY_OUT_SIZE",
     "FUSE_ATTR_OUT_SIZE",
     "FUSE_NAME_OFFSET",
@@ -212,6 +245,31 @@ FUSE_READ_LOCKOWNER = 1 << 1
 FUSE_RELEASE_FLUSH = 1 << 0
 FUSE_FSYNC_FDATASYNC = 1 << 0
 
+# fuse_setattr_in.valid: which fields the kernel wants changed.
+FATTR_MODE = 1 << 0
+FATTR_UID = 1 << 1
+FATTR_GID = 1 << 2
+FATTR_SIZE = 1 << 3
+FATTR_ATIME = 1 << 4
+FATTR_MTIME = 1 << 5
+FATTR_FH = 1 << 6
+FATTR_ATIME_NOW = 1 << 7
+FATTR_MTIME_NOW = 1 << 8
+FATTR_LOCKOWNER = 1 << 9
+FATTR_CTIME = 1 << 10
+FATTR_KILL_SUIDGID = 1 << 11
+
+# fuse_write_in.write_flags
+FUSE_WRITE_CACHE = 1 << 0
+FUSE_WRITE_LOCKOWNER = 1 << 1
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
+
+#: fuse_lk_in.lk_flags: the lock request comes from flock(2), not fcntl(2).
+FUSE_LK_FLOCK = 1 << 0
+
+#: fuse_setxattr_in is 8 bytes (size, flags) unless SETXATTR_EXT was negotiated.
+FUSE_COMPAT_SETXATTR_IN_SIZE = 8
+
 # open(2) flags as the *guest's* Linux ABI encodes them (octal, asm-generic);
 # deliberately not taken from the host's ``os`` module.
 O_ACCMODE = 0o3
@@ -225,7 +283,8 @@ O_APPEND = 0o2000
 #: ``__O_TMPFILE``: the bit that, with O_DIRECTORY, makes O_TMPFILE.
 O_TMPFILE_BIT = 0o20000000
 
-#: Opcodes that modify the filesystem: EROFS on a read-only server.
+#: Opcodes that modify the filesystem: EROFS on a read-only server, handed to
+#: the filesystem's write methods otherwise.
 WRITE_OPCODES = frozenset({
     Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK,
     Opcode.RMDIR, Opcode.RENAME, Opcode.RENAME2, Opcode.LINK, Opcode.WRITE,
@@ -234,10 +293,10 @@ WRITE_OPCODES = frozenset({
 })
 
 #: Known opcodes this server never implements: answered ENOSYS so the kernel
-#: stops asking (locks are never negotiated, DAX needs a window QEMU lacks).
+#: stops asking (BMAP is for block devices, DAX needs a window QEMU lacks).
+#: IOCTL is answered ENOTTY instead (what ioctl(2) says for "not supported").
 NOSYS_OPCODES = frozenset({
-    Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW, Opcode.BMAP, Opcode.IOCTL,
-    Opcode.POLL, Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING,
+    Opcode.BMAP, Opcode.POLL, Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING,
 })
 
 #: Requests the kernel expects no reply to.  NOTIFY_REPLY answers a
@@ -305,6 +364,39 @@ fuse_lseek_out = struct.Struct("<Q")
 fuse_syncfs_in = struct.Struct("<Q")
 #: ino, off, namelen, type (the name follows, padded to 8 bytes)
 fuse_dirent = struct.Struct("<QQII")
+#: valid, padding, fh, size, lock_owner, atime, mtime, ctime, atimensec,
+#: mtimensec, ctimensec, mode, unused4, uid, gid, unused5
+fuse_setattr_in = struct.Struct("<IIQQQQQQIIIIIIII")
+#: mode, rdev, umask, padding (the name follows)
+fuse_mknod_in = struct.Struct("<IIII")
+#: mode, umask (the name follows)
+fuse_mkdir_in = struct.Struct("<II")
+#: newdir (old name and new name follow)
+fuse_rename_in = struct.Struct("<Q")
+#: newdir, flags, padding (old name and new name follow)
+fuse_rename2_in = struct.Struct("<QII")
+#: oldnodeid (the new name follows)
+fuse_link_in = struct.Struct("<Q")
+#: fh, offset, size, write_flags, lock_owner, flags, padding (the data follows)
+fuse_write_in = struct.Struct("<QQIIQII")
+#: size, padding
+fuse_write_out = struct.Struct("<II")
+#: flags, mode, umask, open_flags (the name follows)
+fuse_create_in = struct.Struct("<IIII")
+#: size, flags, setxattr_flags, padding (with SETXATTR_EXT; name and value follow)
+fuse_setxattr_in = struct.Struct("<IIII")
+#: size, flags (without SETXATTR_EXT, what Linux 6.1 sends unless negotiated)
+fuse_setxattr_in_compat = struct.Struct("<II")
+#: fh, offset, length, mode, padding
+fuse_fallocate_in = struct.Struct("<QQQII")
+#: fh_in, off_in, nodeid_out, fh_out, off_out, len, flags
+fuse_copy_file_range_in = struct.Struct("<QQQQQQQ")
+#: start, end, type, pid
+fuse_file_lock = struct.Struct("<QQII")
+#: fh, owner, lk (start, end, type, pid), lk_flags, padding
+fuse_lk_in = struct.Struct("<QQQQIIII")
+#: lk (start, end, type, pid)
+fuse_lk_out = fuse_file_lock
 #: Full sizes of the two structs whose packed heads above omit the trailing attr.
 FUSE_ENTRY_OUT_SIZE = fuse_entry_out.size + fuse_attr.size                # 128
 FUSE_ATTR_OUT_SIZE = fuse_attr_out.size + fuse_attr.size                  # 104

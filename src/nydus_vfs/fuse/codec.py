@@ -55,6 +55,20 @@ __all__ = [
     "LseekIn",
     "LseekOut",
     "SyncfsIn",
+    "SetattrIn",
+    "MknodIn",
+    "MkdirIn",
+    "RenameIn",
+    "Rename2In",
+    "LinkIn",
+    "WriteIn",
+    "WriteOut",
+    "CreateIn",
+    "SetxattrIn",
+    "FallocateIn",
+    "CopyFileRangeIn",
+    "LkIn",
+    "LkOut",
     "Dirent",
     "DirentPlus",
     "Request",
@@ -341,6 +355,34 @@ LseekIn = _flat("fuse_lseek_in", "fh offset whence padding",
                 "``struct fuse_lseek_in`` (24 bytes).")
 LseekOut = _flat("fuse_lseek_out", "offset", "``struct fuse_lseek_out`` (8 bytes).")
 SyncfsIn = _flat("fuse_syncfs_in", "padding", "``struct fuse_syncfs_in`` (8 bytes).")
+SetattrIn = _flat("fuse_setattr_in",
+                  "valid padding fh size lock_owner atime mtime ctime atimensec mtimensec ctimensec "
+                  "mode unused4 uid gid unused5",
+                  "``struct fuse_setattr_in`` (88 bytes); ``valid`` holds FATTR_* bits.")
+MknodIn = _flat("fuse_mknod_in", "mode rdev umask padding",
+                "``struct fuse_mknod_in`` (16 bytes); the name follows.")
+MkdirIn = _flat("fuse_mkdir_in", "mode umask", "``struct fuse_mkdir_in`` (8 bytes); the name follows.")
+RenameIn = _flat("fuse_rename_in", "newdir",
+                 "``struct fuse_rename_in`` (8 bytes); old and new name follow.")
+Rename2In = _flat("fuse_rename2_in", "newdir flags padding",
+                  "``struct fuse_rename2_in`` (16 bytes); old and new name follow.")
+LinkIn = _flat("fuse_link_in", "oldnodeid", "``struct fuse_link_in`` (8 bytes); the new name follows.")
+WriteIn = _flat("fuse_write_in", "fh offset size write_flags lock_owner flags padding",
+                "``struct fuse_write_in`` (40 bytes); ``size`` bytes of data follow.")
+WriteOut = _flat("fuse_write_out", "size padding",
+                 "``struct fuse_write_out`` (8 bytes); also the COPY_FILE_RANGE reply.")
+CreateIn = _flat("fuse_create_in", "flags mode umask open_flags",
+                 "``struct fuse_create_in`` (16 bytes); the name follows.")
+SetxattrIn = _flat("fuse_setxattr_in_compat", "size flags",
+                   "``struct fuse_setxattr_in`` as sent without SETXATTR_EXT (8 bytes); "
+                   "the name and ``size`` value bytes follow.")
+FallocateIn = _flat("fuse_fallocate_in", "fh offset length mode padding",
+                    "``struct fuse_fallocate_in`` (32 bytes).")
+CopyFileRangeIn = _flat("fuse_copy_file_range_in", "fh_in off_in nodeid_out fh_out off_out len flags",
+                        "``struct fuse_copy_file_range_in`` (56 bytes).")
+LkIn = _flat("fuse_lk_in", "fh owner start end type pid lk_flags padding",
+             "``struct fuse_lk_in`` (48 bytes) with its ``fuse_file_lock`` flattened in.")
+LkOut = _flat("fuse_lk_out", "start end type pid", "``struct fuse_lk_out`` (24 bytes): the conflicting lock.")
 
 
 @_frozen
@@ -512,7 +554,9 @@ def iter_direntplus(payload) -> Iterator[DirentPlus]:
 
 class Request(NamedTuple):
     """A decoded request: header, fixed argument struct (or None), NUL-terminated
-    name(s) without the NUL (LOOKUP, GETXATTR, ...), and whatever bytes follow."""
+    name(s) without the NUL (LOOKUP, GETXATTR, SYMLINK's name and target,
+    RENAME's two names, ...), and whatever bytes follow (WRITE's data,
+    SETXATTR's value)."""
 
     header: InHeader
     arg: object
@@ -553,6 +597,21 @@ _REQUEST_LAYOUT: dict[int, tuple[type | None, int]] = {
     abi.Opcode.UNLINK: (None, 1),
     abi.Opcode.RMDIR: (None, 1),
     abi.Opcode.REMOVEXATTR: (None, 1),
+    abi.Opcode.SETATTR: (SetattrIn, 0),
+    abi.Opcode.MKNOD: (MknodIn, 1),
+    abi.Opcode.MKDIR: (MkdirIn, 1),
+    abi.Opcode.SYMLINK: (None, 2),
+    abi.Opcode.RENAME: (RenameIn, 2),
+    abi.Opcode.RENAME2: (Rename2In, 2),
+    abi.Opcode.LINK: (LinkIn, 1),
+    abi.Opcode.WRITE: (WriteIn, 0),
+    abi.Opcode.CREATE: (CreateIn, 1),
+    abi.Opcode.SETXATTR: (SetxattrIn, 1),
+    abi.Opcode.FALLOCATE: (FallocateIn, 0),
+    abi.Opcode.COPY_FILE_RANGE: (CopyFileRangeIn, 0),
+    abi.Opcode.GETLK: (LkIn, 0),
+    abi.Opcode.SETLK: (LkIn, 0),
+    abi.Opcode.SETLKW: (LkIn, 0),
 }
 
 

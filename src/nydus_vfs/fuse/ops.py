@@ -20,7 +20,14 @@ Contract (read this before implementing ``Operations``):
   with the kernel's counts and ``release_inode`` when the server's count for a
   nodeid drops to zero.  Nodeid 1 is the root and is never forgotten.
 * Write operations never reach a read-only filesystem: the server answers them
-  with ``EROFS`` itself.
+  with ``EROFS`` itself.  On a writable server they reach the write methods
+  below (``setattr`` ... ``setlk``), whose defaults raise ENOSYS.  Every
+  ``Entry`` returned by ``create``, ``mknod``, ``mkdir``, ``symlink`` and
+  ``link`` counts one lookup, exactly like ``lookup``.
+* ``release_inode`` is also called for a nodeid the filesystem returned but
+  the kernel never learned (a LOOKUP refused with ENFILE, a READDIRPLUS entry
+  that did not fit the reply), so a filesystem that keeps per-inode state from
+  the first time it returns a nodeid until ``release_inode`` never leaks it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ __all__ = [
     "ReadData",
     "Context",
     "ConnInfo",
+    "SetAttr",
+    "FileLock",
     "Operations",
 ]
 
@@ -169,6 +178,44 @@ class ConnInfo(NamedTuple):
     kernel_flags: int = 0
 
 
+class SetAttr(NamedTuple):
+    """What SETATTR asks to change (``struct fuse_setattr_in``).
+
+    ``valid`` holds ``abi.FATTR_*`` bits; only the fields whose bit is set mean
+    anything.  ``FATTR_ATIME_NOW``/``FATTR_MTIME_NOW`` (with ``FATTR_ATIME``/
+    ``FATTR_MTIME``) mean "the current time" (utimensat's UTIME_NOW).  ``fh``
+    is valid with ``FATTR_FH`` (ftruncate, futimens).
+    """
+
+    valid: int
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime: int = 0
+    atimensec: int = 0
+    mtime: int = 0
+    mtimensec: int = 0
+    ctime: int = 0
+    ctimensec: int = 0
+    fh: int = 0
+    lock_owner: int = 0
+
+
+class FileLock(NamedTuple):
+    """``struct fuse_file_lock``: a byte range lock as fcntl(2) describes it.
+
+    ``type`` is F_RDLCK (0), F_WRLCK (1) or F_UNLCK (2) in the guest's ABI
+    (the same values on every Linux architecture); ``end`` is inclusive, and
+    ``2**64 - 1`` means "to the end of the file".
+    """
+
+    start: int
+    end: int
+    type: int
+    pid: int = 0
+
+
 def _enosys() -> FsError:
     return FsError(errno.ENOSYS)
 
@@ -277,3 +324,74 @@ class Operations:
 
     def syncfs(self, nodeid: int) -> None:
         return None
+
+    # -- writes (a read-only server answers EROFS before any of these is called) -----
+    def setattr(self, nodeid: int, attrs: SetAttr, ctx: Context) -> Attr:
+        """Change what ``attrs.valid`` selects; return the attributes afterwards."""
+        raise _enosys()
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, umask: int, ctx: Context) -> Entry:
+        """Create a regular file, device, fifo or socket (``mode`` carries the type)."""
+        raise _enosys()
+
+    def mkdir(self, parent: int, name: bytes, mode: int, umask: int, ctx: Context) -> Entry:
+        raise _enosys()
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        raise _enosys()
+
+    def link(self, nodeid: int, newparent: int, newname: bytes, ctx: Context) -> Entry:
+        """Hard link: a new name ``newname`` in ``newparent`` for inode ``nodeid``."""
+        raise _enosys()
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        raise _enosys()
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        raise _enosys()
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int,
+               ctx: Context) -> None:
+        """rename(2)/renameat2(2); ``flags``: RENAME_NOREPLACE 1, RENAME_EXCHANGE 2, RENAME_WHITEOUT 4."""
+        raise _enosys()
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, umask: int,
+               ctx: Context) -> tuple[Entry, int, int]:
+        """Create and open a regular file; returns ``(entry, fh, fopen_flags)``."""
+        raise _enosys()
+
+    def write(self, nodeid: int, fh: int, offset: int, data: memoryview, write_flags: int,
+              ctx: Context) -> int:
+        """Write ``data`` at ``offset``; returns the bytes written.
+
+        ``data`` is a view of the request buffer, valid only during the call.
+        """
+        raise _enosys()
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        """``flags``: XATTR_CREATE 1, XATTR_REPLACE 2."""
+        raise _enosys()
+
+    def removexattr(self, nodeid: int, name: bytes, ctx: Context) -> None:
+        raise _enosys()
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int, ctx: Context) -> None:
+        raise _enosys()
+
+    def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int, fh_out: int,
+                        off_out: int, length: int, flags: int, ctx: Context) -> int:
+        """Copy ``length`` bytes between two open files; returns the bytes copied."""
+        raise _enosys()
+
+    def getlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, ctx: Context) -> FileLock:
+        """The first lock that would conflict with ``lock``, or ``lock`` with type F_UNLCK."""
+        raise _enosys()
+
+    def setlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
+              ctx: Context) -> None:
+        """Take or release a lock for ``owner``; ``flock`` means flock(2) semantics (whole file).
+
+        ``sleep`` (SETLKW) asks to wait until a conflicting lock goes away
+        instead of failing with EAGAIN.
+        """
+        raise _enosys()

@@ -70,7 +70,7 @@ from typing import Any
 from ..errors import ConfigError, FsError, LocalProtocolError
 from . import abi
 from .codec import InitIn, InitOut, error_reply, pack_attr, pack_statfs, split_timeout
-from .ops import ROOT_ID, ConnInfo, Context, FileSegment, Operations
+from .ops import ROOT_ID, ConnInfo, Context, FileLock, FileSegment, Operations, SetAttr
 
 __all__ = ["FuseServer", "SessionState", "SessionInput", "SESSION_TRANSITIONS"]
 
@@ -88,6 +88,14 @@ _RELEASE_IN = abi.fuse_release_in.unpack_from
 _FSYNC_IN = abi.fuse_fsync_in.unpack_from
 _LSEEK_IN = abi.fuse_lseek_in.unpack_from
 _II = struct.Struct("<II").unpack_from
+_SETATTR_IN = abi.fuse_setattr_in.unpack_from
+_MKNOD_IN = abi.fuse_mknod_in.unpack_from
+_RENAME2_IN = abi.fuse_rename2_in.unpack_from
+_WRITE_IN = abi.fuse_write_in.unpack_from
+_CREATE_IN = abi.fuse_create_in.unpack_from
+_FALLOCATE_IN = abi.fuse_fallocate_in.unpack_from
+_COPY_RANGE_IN = abi.fuse_copy_file_range_in.unpack_from
+_LK_IN = abi.fuse_lk_in.unpack_from
 _FORGET_ONE = abi.fuse_forget_one
 
 # Header and fixed reply fields packed in one call.
@@ -97,6 +105,9 @@ _ENTRY_HEAD = abi.fuse_entry_out.pack           # fuse_entry_out head alone (dir
 _OPEN_REPLY = struct.Struct("<IiQQII").pack     # out_header + fuse_open_out
 _XATTR_SIZE_REPLY = struct.Struct("<IiQII").pack  # out_header + fuse_getxattr_out
 _LSEEK_REPLY = struct.Struct("<IiQQ").pack      # out_header + fuse_lseek_out
+_WRITE_REPLY = struct.Struct("<IiQII").pack     # out_header + fuse_write_out
+_LK_REPLY = struct.Struct("<IiQQQII").pack      # out_header + fuse_lk_out
+_CREATE_OPEN = abi.fuse_open_out.pack           # fuse_open_out after the entry in a CREATE reply
 _DIRENT = abi.fuse_dirent.pack
 
 _HDR = 40                                        # sizeof(fuse_in_header)
@@ -107,6 +118,11 @@ _ZERO_ENTRY = bytes(abi.FUSE_ENTRY_OUT_SIZE)
 _PAD = tuple(bytes(i) for i in range(8))
 _DIRENT_HEAD = abi.FUSE_NAME_OFFSET              # 24
 _DIRENTPLUS_HEAD = abi.FUSE_NAME_OFFSET_DIRENTPLUS  # 152
+_CREATE_REPLY_LEN = _ENTRY_REPLY_LEN + abi.fuse_open_out.size  # 160
+#: Longest symlink target accepted (PATH_MAX, counting the NUL).
+_PATH_MAX = 4096
+#: Longest xattr value accepted (XATTR_SIZE_MAX).
+_XATTR_SIZE_MAX = 65536
 
 #: The kernel's page count per request when MAX_PAGES is not negotiated.
 _DEFAULT_MAX_PAGES = 32
@@ -189,8 +205,13 @@ class FuseServer:
 
     ``readonly``     answer every write opcode, and OPEN with write access,
                      O_TRUNC, O_CREAT, O_EXCL or O_TMPFILE, with EROFS.  With
-                     ``False`` write opcodes get ENOSYS (``Operations`` has no
-                     write methods) and OPEN flags go to the filesystem unfiltered.
+                     ``False`` write opcodes are decoded and handed to the
+                     write methods of ``ops`` (ENOSYS unless overridden), OPEN
+                     flags go to the filesystem unfiltered and ATOMIC_O_TRUNC
+                     is offered (O_TRUNC arrives in OPEN, as virtiofsd asks).
+    ``posix_locks``  offer POSIX_LOCKS and FLOCK_LOCKS, so GETLK/SETLK/SETLKW
+                     reach ``ops`` (default off, like virtiofsd: the guest
+                     kernel then keeps locks to itself).
     ``max_write``    granted to the kernel (at least 4096).
     ``max_pages``    pages per request granted with MAX_PAGES (1..256); also caps
                      READ/READDIR sizes at ``max_pages * 4096``.
@@ -207,7 +228,8 @@ class FuseServer:
     one, adds a reference; FORGET/BATCH_FORGET subtract (clamped, unknown
     nodeids ignored), then ``ops.forget`` gets the kernel's counts for the
     known nodeids and ``ops.release_inode`` each nodeid that reached zero.  A
-    LOOKUP refused with ENFILE calls ``ops.release_inode`` for the nodeid the
+    LOOKUP (or MKDIR, CREATE, ...) refused with ENFILE, and a READDIRPLUS entry
+    that is not sent, call ``ops.release_inode`` for the nodeid the
     filesystem returned, since the kernel never learns of it.
 
     Filesystem methods are bound when the server is built.
@@ -224,6 +246,7 @@ class FuseServer:
         min_minor: int = 31,
         max_nodeids: int = 1 << 20,
         readdirplus: bool | None = None,
+        posix_locks: bool = False,
     ) -> None:
         if not 9 <= min_minor <= abi.FUSE_KERNEL_MINOR_VERSION:
             raise ConfigError(f"min_minor={min_minor}: must be 9..{abi.FUSE_KERNEL_MINOR_VERSION}")
@@ -245,6 +268,10 @@ class FuseServer:
         if readdirplus is None:
             readdirplus = type(ops).readdirplus is not Operations.readdirplus
         self._wanted = _WANTED_FLAGS | (_READDIRPLUS_FLAGS if readdirplus else 0)
+        if not readonly:
+            self._wanted |= _F.ATOMIC_O_TRUNC
+        if posix_locks:
+            self._wanted |= _F.POSIX_LOCKS | _F.FLOCK_LOCKS
 
         #: What the last accepted INIT negotiated (None without a session).
         self.conn: ConnInfo | None = None
@@ -360,6 +387,18 @@ class FuseServer:
         for op in abi.NOSYS_OPCODES:
             table[op] = self._op_unknown
         table[_Op.NOTIFY_REPLY] = self._op_noreply
+        table[_Op.IOCTL] = self._op_ioctl
+        # Each write handler checks ``readonly`` first, so the flag can be read
+        # per request without rebuilding this table.
+        for op, name in {
+            _Op.SETATTR: "setattr", _Op.MKNOD: "mknod", _Op.MKDIR: "mkdir", _Op.SYMLINK: "symlink",
+            _Op.LINK: "link", _Op.UNLINK: "unlink", _Op.RMDIR: "rmdir", _Op.RENAME: "rename",
+            _Op.RENAME2: "rename2", _Op.CREATE: "create", _Op.WRITE: "write_data",
+            _Op.SETXATTR: "setxattr", _Op.REMOVEXATTR: "removexattr", _Op.FALLOCATE: "fallocate",
+            _Op.COPY_FILE_RANGE: "copy_file_range", _Op.GETLK: "getlk", _Op.SETLK: "setlk",
+            _Op.SETLKW: "setlkw",
+        }.items():
+            table[op] = getattr(self, "_op_" + name)
         for op, name in {
             _Op.INIT: "init", _Op.DESTROY: "destroy", _Op.LOOKUP: "lookup", _Op.FORGET: "forget",
             _Op.BATCH_FORGET: "batch_forget", _Op.GETATTR: "getattr", _Op.READLINK: "readlink",
@@ -565,7 +604,13 @@ class FuseServer:
         raise FsError(errno.ENOSYS)
 
     def _op_write(self, buf, n, unique, nodeid, ctx, cap):
+        """A write opcode without a decoder of its own (TMPFILE)."""
         raise FsError(errno.EROFS if self.readonly else errno.ENOSYS)
+
+    def _op_ioctl(self, buf, n, unique, nodeid, ctx, cap):
+        # ioctl(2)'s own word for "this file does not do ioctls"; ENOSYS would
+        # reach the guest's program as is on older kernels.
+        raise FsError(errno.ENOTTY)
 
     # -- opcodes: names and inodes -----------------------------------------------------
 
@@ -586,10 +631,7 @@ class FuseServer:
         if child and child != ROOT_ID and not self._count(child):
             self._warn("%d live nodeids (max_nodeids); LOOKUP of nodeid %d refused with ENFILE",
                        len(self._nlookup), child)
-            try:
-                self._ops.release_inode(child)
-            except Exception:
-                log.exception("Operations.release_inode(%d) raised; it must not", child)
+            self._release(child)
             raise FsError(errno.ENFILE)
         return reply
 
@@ -792,12 +834,16 @@ class FuseServer:
                 namelen = len(name)
                 reclen = (head + namelen + 7) & ~7
                 if used + reclen > limit:
+                    if plus:
+                        self._unsent(entry)
                     if not used:
                         raise FsError(errno.EINVAL, f"{opcode.name} size too small for one entry")
                     break
                 # A hostile image may carry names the guest must never see.
                 if not 0 < namelen <= abi.NAME_MAX or b"/" in name or b"\0" in name:
                     self._skip_bad_name(name, nodeid)
+                    if plus:
+                        self._unsent(entry)
                     continue
                 if plus:
                     if entry is None:
@@ -817,6 +863,7 @@ class FuseServer:
                                 self._warn("%d live nodeids (max_nodeids); READDIRPLUS sends %r without a nodeid",
                                            len(counts), name)
                                 append(_ZERO_ENTRY)
+                                self._unsent(entry)
                                 child = None
                             if child is not None:
                                 counted.append(child)
@@ -833,6 +880,8 @@ class FuseServer:
             # Nothing is sent, so the kernel learns none of these references.
             for child in counted:
                 self._uncount(child)
+                if child not in counts:
+                    self._release(child)
             raise
         finally:
             close = getattr(entries, "close", None)
@@ -840,6 +889,13 @@ class FuseServer:
                 close()
         parts[0] = _OUT(16 + used, 0, unique)
         return b"".join(parts)
+
+    def _unsent(self, entry) -> None:
+        """A READDIRPLUS entry the kernel will not see: release its nodeid unless the kernel knows it."""
+        if entry is not None:
+            child = entry[0]
+            if child and child != ROOT_ID and child not in self._nlookup:
+                self._release(child)
 
     def _op_releasedir(self, buf, n, unique, nodeid, ctx, cap):
         if n < _HDR + 24:
@@ -897,6 +953,243 @@ class FuseServer:
         if n < _HDR + 8:
             raise self._short(_Op.SYNCFS, 8, n)
         self._ops.syncfs(nodeid)
+        return _OUT(16, 0, unique)
+
+    # -- opcodes: writes ------------------------------------------------------------------
+    # Every handler starts with the read-only check: a read-only server answers
+    # EROFS before looking at the arguments, as it always did.
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise FsError(errno.EROFS)
+
+    def _entry_reply(self, unique: int, entry, cap: int | None, extra: bytes = b"") -> bytes:
+        """A fuse_entry_out reply (plus ``extra``) for an Entry that counts one lookup.
+
+        Used by MKNOD, MKDIR, SYMLINK, LINK and CREATE; a nodeid beyond
+        ``max_nodeids`` is refused with ENFILE and released again, as LOOKUP does.
+        """
+        child, attr, generation, entry_timeout, attr_timeout = entry
+        packed = _ZERO_ATTR if attr is None else (attr._packed or pack_attr(attr))
+        es, ens = self._timeout(entry_timeout)
+        as_, ans = self._timeout(attr_timeout)
+        total = _ENTRY_REPLY_LEN + len(extra)
+        if cap is not None and cap < total:
+            raise FsError(errno.EINVAL, "no room for the entry reply")
+        reply = _ENTRY_REPLY.pack(total, 0, unique, child, generation, es, as_, ens, ans) + packed + extra
+        if child and child != ROOT_ID and not self._count(child):
+            self._warn("%d live nodeids (max_nodeids); new nodeid %d refused with ENFILE",
+                       len(self._nlookup), child)
+            self._release(child)
+            raise FsError(errno.ENFILE)
+        return reply
+
+    def _release(self, nodeid: int) -> None:
+        try:
+            self._ops.release_inode(nodeid)
+        except Exception:
+            log.exception("Operations.release_inode(%d) raised; it must not", nodeid)
+
+    def _two_names(self, buf, start: int, end: int) -> tuple[bytes, bytes]:
+        """Two NUL-terminated arguments back to back (RENAME's names, SYMLINK's name and target)."""
+        raw = buf[start:end]
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+        nul = raw.find(b"\0")
+        if nul < 0:
+            raise FsError(errno.EINVAL, "first name not NUL-terminated")
+        return raw[:nul + 1], raw[nul + 1:]
+
+    def _op_setattr(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 88:
+            raise self._short(_Op.SETATTR, 88, n)
+        (valid, _, fh, size, lock_owner, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode,
+         _, uid, gid, _) = _SETATTR_IN(buf, _HDR)
+        for ns in (atimensec, mtimensec, ctimensec):
+            if ns >= 1_000_000_000:
+                raise FsError(errno.EINVAL, "nanoseconds out of range")
+        attrs = SetAttr(valid, mode, uid, gid, size, atime, atimensec, mtime, mtimensec, ctime, ctimensec,
+                        fh, lock_owner)
+        attr = self._ops.setattr(nodeid, attrs, ctx)
+        packed = attr._packed or pack_attr(attr)
+        es, ens = self._timeout(self._ops.attr_timeout)
+        return _ATTR_REPLY.pack(_ATTR_REPLY_LEN, 0, unique, es, ens, 0) + packed
+
+    def _op_mknod(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 16:
+            raise self._short(_Op.MKNOD, 16, n)
+        mode, rdev, umask, _ = _MKNOD_IN(buf, _HDR)
+        name = self._name(buf, _HDR + 16, n)
+        return self._entry_reply(unique, self._ops.mknod(nodeid, name, mode, rdev, umask, ctx), cap)
+
+    def _op_mkdir(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 8:
+            raise self._short(_Op.MKDIR, 8, n)
+        mode, umask = _II(buf, _HDR)
+        name = self._name(buf, _HDR + 8, n)
+        return self._entry_reply(unique, self._ops.mkdir(nodeid, name, mode, umask, ctx), cap)
+
+    def _op_symlink(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        first, rest = self._two_names(buf, _HDR, n)
+        name = self._name(first, 0, len(first))
+        nul = rest.find(b"\0")
+        if nul != len(rest) - 1:
+            raise FsError(errno.EINVAL, "symlink target not NUL-terminated or with an embedded NUL")
+        if nul == 0:
+            raise FsError(errno.ENOENT, "empty symlink target")
+        if nul >= _PATH_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        return self._entry_reply(unique, self._ops.symlink(nodeid, name, rest[:nul], ctx), cap)
+
+    def _op_link(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 8:
+            raise self._short(_Op.LINK, 8, n)
+        old = _U64(buf, _HDR)[0]
+        name = self._name(buf, _HDR + 8, n)
+        return self._entry_reply(unique, self._ops.link(old, nodeid, name, ctx), cap)
+
+    def _op_unlink(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        self._ops.unlink(nodeid, self._name(buf, _HDR, n), ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_rmdir(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        self._ops.rmdir(nodeid, self._name(buf, _HDR, n), ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_rename(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 8:
+            raise self._short(_Op.RENAME, 8, n)
+        return self._do_rename(buf, _HDR + 8, n, unique, nodeid, _U64(buf, _HDR)[0], 0, ctx)
+
+    def _op_rename2(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 16:
+            raise self._short(_Op.RENAME2, 16, n)
+        newdir, flags, _ = _RENAME2_IN(buf, _HDR)
+        return self._do_rename(buf, _HDR + 16, n, unique, nodeid, newdir, flags, ctx)
+
+    def _do_rename(self, buf, start, n, unique, nodeid, newdir, flags, ctx):
+        first, rest = self._two_names(buf, start, n)
+        name = self._name(first, 0, len(first))
+        newname = self._name(rest, 0, len(rest))
+        self._ops.rename(nodeid, name, newdir, newname, flags, ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_create(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 16:
+            raise self._short(_Op.CREATE, 16, n)
+        flags, mode, umask, _ = _CREATE_IN(buf, _HDR)
+        name = self._name(buf, _HDR + 16, n)
+        if cap is not None and cap < _CREATE_REPLY_LEN:
+            raise FsError(errno.EINVAL, "no room for the CREATE reply")
+        entry, fh, open_flags = self._ops.create(nodeid, name, mode, flags, umask, ctx)
+        try:
+            return self._entry_reply(unique, entry, cap, _CREATE_OPEN(fh, open_flags, 0))
+        except FsError:
+            # The kernel never learns of this handle: close it again.
+            try:
+                self._ops.release(entry.nodeid, fh, flags)
+            except Exception:
+                log.exception("Operations.release() raised after a refused CREATE")
+            raise
+
+    def _op_write_data(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 40:
+            raise self._short(_Op.WRITE, 40, n)
+        fh, offset, size, write_flags, _, _, _ = _WRITE_IN(buf, _HDR)
+        start = _HDR + 40
+        if size > n - start:
+            self._warn("WRITE unique %#x: size %d but %d data bytes present; EINVAL", unique, size, n - start)
+            raise FsError(errno.EINVAL, "WRITE size beyond the request")
+        if offset > 0x7FFF_FFFF_FFFF_FFFF or offset + size > 0x7FFF_FFFF_FFFF_FFFF:
+            raise FsError(errno.EFBIG)
+        data = memoryview(buf)[start:start + size]
+        try:
+            written = self._ops.write(nodeid, fh, offset, data, write_flags, ctx)
+        finally:
+            data.release()
+        if not 0 <= written <= size:
+            raise LocalProtocolError(f"Operations.write returned {written} for {size} bytes")
+        return _WRITE_REPLY(24, 0, unique, written, 0)
+
+    def _op_setxattr(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        head = abi.FUSE_COMPAT_SETXATTR_IN_SIZE
+        if n < _HDR + head:
+            raise self._short(_Op.SETXATTR, head, n)
+        size, flags = _II(buf, _HDR)
+        if size > _XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG)
+        raw = buf[_HDR + head:n]
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+        nul = raw.find(b"\0")
+        if nul < 0:
+            raise FsError(errno.EINVAL, "xattr name not NUL-terminated")
+        name = self._xattr_name(raw, 0, nul + 1)
+        value = raw[nul + 1:]
+        if len(value) != size:
+            raise FsError(errno.EINVAL, "xattr value length does not match its size field")
+        self._ops.setxattr(nodeid, name, value, flags, ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_removexattr(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        self._ops.removexattr(nodeid, self._xattr_name(buf, _HDR, n), ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_fallocate(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 32:
+            raise self._short(_Op.FALLOCATE, 32, n)
+        fh, offset, length, mode, _ = _FALLOCATE_IN(buf, _HDR)
+        self._ops.fallocate(nodeid, fh, offset, length, mode, ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_copy_file_range(self, buf, n, unique, nodeid, ctx, cap):
+        self._writable()
+        if n < _HDR + 56:
+            raise self._short(_Op.COPY_FILE_RANGE, 56, n)
+        fh_in, off_in, nodeid_out, fh_out, off_out, length, flags = _COPY_RANGE_IN(buf, _HDR)
+        # The reply's size field is 32 bits: the kernel never asks for more (it caps len itself).
+        length = min(length, 0xFFFF_F000)
+        copied = self._ops.copy_file_range(nodeid, fh_in, off_in, nodeid_out, fh_out, off_out, length,
+                                           flags, ctx)
+        if not 0 <= copied <= length:
+            raise LocalProtocolError(f"Operations.copy_file_range returned {copied} for {length} bytes")
+        return _WRITE_REPLY(24, 0, unique, copied, 0)
+
+    def _lk_args(self, opcode: int, buf, n: int) -> tuple[int, int, FileLock, int]:
+        if n < _HDR + 48:
+            raise self._short(opcode, 48, n)
+        fh, owner, start, end, typ, pid, lk_flags, _ = _LK_IN(buf, _HDR)
+        if typ > 2:
+            raise FsError(errno.EINVAL, "lock type")
+        return fh, owner, FileLock(start, end, typ, pid), lk_flags
+
+    def _op_getlk(self, buf, n, unique, nodeid, ctx, cap):
+        fh, owner, lock, _ = self._lk_args(_Op.GETLK, buf, n)
+        found = self._ops.getlk(nodeid, fh, owner, lock, ctx)
+        return _LK_REPLY(40, 0, unique, found.start, found.end, found.type, found.pid)
+
+    def _op_setlk(self, buf, n, unique, nodeid, ctx, cap):
+        fh, owner, lock, lk_flags = self._lk_args(_Op.SETLK, buf, n)
+        self._ops.setlk(nodeid, fh, owner, lock, False, bool(lk_flags & abi.FUSE_LK_FLOCK), ctx)
+        return _OUT(16, 0, unique)
+
+    def _op_setlkw(self, buf, n, unique, nodeid, ctx, cap):
+        fh, owner, lock, lk_flags = self._lk_args(_Op.SETLKW, buf, n)
+        self._ops.setlk(nodeid, fh, owner, lock, True, bool(lk_flags & abi.FUSE_LK_FLOCK), ctx)
         return _OUT(16, 0, unique)
 
     def _op_interrupt(self, buf, n, unique, nodeid, ctx, cap):

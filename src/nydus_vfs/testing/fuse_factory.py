@@ -151,7 +151,79 @@ class FuseRequestFactory:
     def syncfs(self, nodeid: int = 1, **kw) -> bytes:
         return self.request(Opcode.SYNCFS, nodeid, abi.fuse_syncfs_in.pack(0), **kw)
 
-    # -- write opcodes (a read-only server refuses them; the layouts are what Linux sends) --------
+    # -- write opcodes (layouts as Linux 6.1 sends them) ------------------------------------------
+
+    def setattr(self, nodeid: int, valid: int, *, fh: int = 0, size: int = 0, lock_owner: int = 0,
+                atime: int = 0, atimensec: int = 0, mtime: int = 0, mtimensec: int = 0, ctime: int = 0,
+                ctimensec: int = 0, mode: int = 0, uid: int = 0, gid: int = 0, **kw) -> bytes:
+        args = abi.fuse_setattr_in.pack(valid, 0, fh, size, lock_owner, atime, mtime, ctime, atimensec,
+                                        mtimensec, ctimensec, mode, 0, uid, gid, 0)
+        return self.request(Opcode.SETATTR, nodeid, args, **kw)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int = 0, umask: int = 0o022, **kw) -> bytes:
+        return self.request(Opcode.MKNOD, parent, abi.fuse_mknod_in.pack(mode, rdev, umask, 0) + name + b"\0",
+                            **kw)
+
+    def mkdir(self, parent: int, name: bytes, mode: int = 0o755, umask: int = 0o022, **kw) -> bytes:
+        return self.request(Opcode.MKDIR, parent, abi.fuse_mkdir_in.pack(mode, umask) + name + b"\0", **kw)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, **kw) -> bytes:
+        """SYMLINK: the new entry's name first, then the target (fs/fuse/dir.c order)."""
+        return self.request(Opcode.SYMLINK, parent, name + b"\0" + target + b"\0", **kw)
+
+    def link(self, oldnodeid: int, newparent: int, newname: bytes, **kw) -> bytes:
+        return self.request(Opcode.LINK, newparent, abi.fuse_link_in.pack(oldnodeid) + newname + b"\0", **kw)
+
+    def unlink(self, parent: int, name: bytes, **kw) -> bytes:
+        return self.request(Opcode.UNLINK, parent, name + b"\0", **kw)
+
+    def rmdir(self, parent: int, name: bytes, **kw) -> bytes:
+        return self.request(Opcode.RMDIR, parent, name + b"\0", **kw)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int | None = None,
+               **kw) -> bytes:
+        """RENAME, or RENAME2 when ``flags`` is given (Linux sends RENAME2 only with flags)."""
+        names = name + b"\0" + newname + b"\0"
+        if flags is None:
+            return self.request(Opcode.RENAME, parent, abi.fuse_rename_in.pack(newparent) + names, **kw)
+        return self.request(Opcode.RENAME2, parent, abi.fuse_rename2_in.pack(newparent, flags, 0) + names, **kw)
+
+    def create(self, parent: int, name: bytes, mode: int = 0o100644, flags: int = 0o102, umask: int = 0o022,
+               **kw) -> bytes:
+        args = abi.fuse_create_in.pack(flags, mode, umask, 0) + name + b"\0"
+        return self.request(Opcode.CREATE, parent, args, **kw)
+
+    def write(self, nodeid: int, fh: int, offset: int, data: bytes, write_flags: int = 0, **kw) -> bytes:
+        args = abi.fuse_write_in.pack(fh, offset, len(data), write_flags, 0, 0, 0) + data
+        return self.request(Opcode.WRITE, nodeid, args, **kw)
+
+    def setxattr(self, nodeid: int, name: bytes, value: bytes, flags: int = 0, **kw) -> bytes:
+        args = abi.fuse_setxattr_in_compat.pack(len(value), flags) + name + b"\0" + value
+        return self.request(Opcode.SETXATTR, nodeid, args, **kw)
+
+    def removexattr(self, nodeid: int, name: bytes, **kw) -> bytes:
+        return self.request(Opcode.REMOVEXATTR, nodeid, name + b"\0", **kw)
+
+    def fallocate(self, nodeid: int, fh: int, offset: int, length: int, mode: int = 0, **kw) -> bytes:
+        return self.request(Opcode.FALLOCATE, nodeid, abi.fuse_fallocate_in.pack(fh, offset, length, mode, 0),
+                            **kw)
+
+    def copy_file_range(self, nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int, fh_out: int,
+                        off_out: int, length: int, flags: int = 0, **kw) -> bytes:
+        args = abi.fuse_copy_file_range_in.pack(fh_in, off_in, nodeid_out, fh_out, off_out, length, flags)
+        return self.request(Opcode.COPY_FILE_RANGE, nodeid_in, args, **kw)
+
+    def lock(self, opcode: int, nodeid: int, fh: int, owner: int, start: int, end: int, type: int,
+             pid: int = 0, lk_flags: int = 0, **kw) -> bytes:
+        """GETLK / SETLK / SETLKW (``lk_flags`` FUSE_LK_FLOCK for flock(2))."""
+        args = abi.fuse_lk_in.pack(fh, owner, start, end, type, pid, lk_flags, 0)
+        return self.request(opcode, nodeid, args, **kw)
+
+    def ioctl(self, nodeid: int, fh: int, cmd: int, **kw) -> bytes:
+        """FUSE_IOCTL (fuse_ioctl_in: fh, flags, cmd, arg, in_size, out_size)."""
+        return self.request(Opcode.IOCTL, nodeid, _pack("<QIIQII", fh, 0, cmd, 0, 0, 0), **kw)
+
+    # -- any write opcode with plausible arguments (read-only servers refuse them all) ------------
 
     def write_request(self, opcode: int, nodeid: int = 1, **kw) -> bytes:
         """A plausible request of any write opcode (SETATTR, MKDIR, WRITE, ...)."""
@@ -169,7 +241,7 @@ class FuseRequestFactory:
             O.LINK: _pack("<Q", 2) + name,
             O.WRITE: _pack("<QQIIQII", 0, 0, 5, 0, 0, 0, 0) + b"hello",
             O.CREATE: _pack("<IIII", 0o1 | 0o100, 0o644, 0o022, 0) + name,
-            O.SETXATTR: _pack("<IIII", 3, 0, 0, 0) + b"user.x\0" + b"abc",
+            O.SETXATTR: _pack("<II", 3, 0) + b"user.x\0" + b"abc",
             O.REMOVEXATTR: b"user.x\0",
             O.FALLOCATE: _pack("<QQQII", 0, 0, 4096, 0, 0),
             O.COPY_FILE_RANGE: _pack("<QQQQQQQ", 0, 0, 3, 0, 0, 4096, 0),

@@ -86,7 +86,7 @@ async def _read_all(fs, path):
     size = fs.attr(ino).size
     out = bytearray()
     while len(out) < size:
-        pieces = await fs.read(ino, len(out), 128 << 10)
+        pieces = await fs.read(ino, 0, len(out), 128 << 10)
         for p in pieces if isinstance(pieces, list) else [pieces]:
             out += os.pread(p.fd, p.length, p.offset) if hasattr(p, "fd") else p
     return bytes(out)

@@ -90,7 +90,19 @@ def test_opcode_classes_are_disjoint_and_cover_the_read_only_table():
             assert not a & b
     # reference §3.4: every write opcode a 6.1 guest may send is EROFS material
     assert {Opcode.SETATTR, Opcode.CREATE, Opcode.TMPFILE, Opcode.COPY_FILE_RANGE} <= abi.WRITE_OPCODES
-    assert {Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING, Opcode.IOCTL, Opcode.POLL} <= abi.NOSYS_OPCODES
+    assert {Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING, Opcode.POLL} <= abi.NOSYS_OPCODES
+    # IOCTL is answered ENOTTY and locks reach the filesystem: neither is blanket ENOSYS
+    assert not {Opcode.IOCTL, Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW} & abi.NOSYS_OPCODES
+
+
+def test_write_structs_have_the_kernel_sizes():
+    sizes = {"fuse_setattr_in": 88, "fuse_mknod_in": 16, "fuse_mkdir_in": 8, "fuse_rename_in": 8,
+             "fuse_rename2_in": 16, "fuse_link_in": 8, "fuse_write_in": 40, "fuse_write_out": 8,
+             "fuse_create_in": 16, "fuse_setxattr_in": 16, "fuse_setxattr_in_compat": 8,
+             "fuse_fallocate_in": 32, "fuse_copy_file_range_in": 56, "fuse_file_lock": 24,
+             "fuse_lk_in": 48, "fuse_lk_out": 24}
+    assert {name: getattr(abi, name).size for name in sizes} == sizes
+    assert abi.FUSE_COMPAT_SETXATTR_IN_SIZE == abi.fuse_setxattr_in_compat.size
 
 
 def test_dirent_align():

@@ -207,8 +207,8 @@ def test_decode_request_of_every_factory_method():
 
 def test_decode_request_keeps_unknown_args_and_rejects_bad_headers():
     f = FuseRequestFactory()
-    req = codec.decode_request(f.write_request(Opcode.WRITE))
-    assert req.arg is None and req.payload.endswith(b"hello")
+    req = codec.decode_request(f.ioctl(1, 0, 0x5401))
+    assert req.arg is None and len(req.payload) == 32
     with pytest.raises(RemoteProtocolError, match="len"):
         codec.decode_request(f.getattr(1, length=100))
     with pytest.raises(RemoteProtocolError, match="not NUL-terminated"):
@@ -259,3 +259,36 @@ def test_error_reply():
     # out-of-range errno values would be misread by the kernel: EIO instead
     assert struct.unpack("<IiQ", codec.error_reply(7, 0)) == (16, -5, 7)
     assert struct.unpack("<IiQ", codec.error_reply(7, 4000)) == (16, -5, 7)
+
+
+def test_decode_request_understands_every_write_opcode():
+    f = FuseRequestFactory()
+    req = codec.decode_request(f.write(5, 7, 4096, b"payload"))
+    assert req.arg == codec.WriteIn(fh=7, offset=4096, size=7) and req.payload == b"payload"
+    req = codec.decode_request(f.symlink(1, b"name", b"../target"))
+    assert req.arg is None and req.names == (b"name", b"../target")
+    req = codec.decode_request(f.rename(1, b"old", 2, b"new", flags=2))
+    assert req.arg == codec.Rename2In(newdir=2, flags=2) and req.names == (b"old", b"new")
+    req = codec.decode_request(f.rename(1, b"old", 2, b"new"))
+    assert req.arg == codec.RenameIn(newdir=2) and req.names == (b"old", b"new")
+    req = codec.decode_request(f.setxattr(3, b"trusted.overlay.opaque", b"y"))
+    assert req.arg == codec.SetxattrIn(size=1) and req.names == (b"trusted.overlay.opaque",) and req.payload == b"y"
+    req = codec.decode_request(f.create(1, b"c", 0o100600, 0o101, 0o022))
+    assert req.arg == codec.CreateIn(flags=0o101, mode=0o100600, umask=0o022) and req.names == (b"c",)
+    req = codec.decode_request(f.mknod(1, b"n", 0o20000, 0, 0))
+    assert req.arg == codec.MknodIn(mode=0o20000) and req.names == (b"n",)
+    req = codec.decode_request(f.mkdir(1, b"d", 0o755, 0o022))
+    assert req.arg == codec.MkdirIn(mode=0o755, umask=0o022) and req.names == (b"d",)
+    req = codec.decode_request(f.link(9, 1, b"l"))
+    assert req.arg == codec.LinkIn(oldnodeid=9) and req.names == (b"l",)
+    req = codec.decode_request(f.setattr(4, 8, size=10))
+    assert req.arg == codec.SetattrIn(valid=8, size=10)
+    req = codec.decode_request(f.fallocate(4, 1, 2, 3, 4))
+    assert req.arg == codec.FallocateIn(fh=1, offset=2, length=3, mode=4)
+    req = codec.decode_request(f.copy_file_range(4, 1, 2, 5, 6, 7, 8))
+    assert req.arg == codec.CopyFileRangeIn(fh_in=1, off_in=2, nodeid_out=5, fh_out=6, off_out=7, len=8)
+    for opcode in (Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW):
+        req = codec.decode_request(f.lock(opcode, 4, 1, 2, 3, 4, 1, 9, lk_flags=1))
+        assert req.arg == codec.LkIn(fh=1, owner=2, start=3, end=4, type=1, pid=9, lk_flags=1)
+    for s in (codec.SetattrIn(valid=1), codec.WriteOut(size=3), codec.LkOut(start=1, end=2, type=1, pid=3)):
+        assert type(s).from_bytes(s.to_bytes()) == s

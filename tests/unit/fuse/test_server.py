@@ -1310,3 +1310,264 @@ def test_mutated_requests_never_raise(which, edits, cut, extra, fix_len, capacit
     _check_reply(bytes(raw), reply)
     if reply is not None and capacity is not None:
         assert len(flatten(reply)) <= capacity
+
+
+# -- write opcodes on a writable server ------------------------------------------------------------
+
+class WriteOps(MemOps):
+    """MemOps plus recording write methods; new inodes get nodeids from 500 on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next_id = 500
+
+    def _new(self, mode):
+        nodeid = self.next_id
+        self.next_id += 1
+        self.attrs[nodeid] = Attr(nodeid, mode)
+        return self._entry(nodeid)
+
+    def setattr(self, nodeid, attrs, ctx):
+        self.calls.append(("setattr", nodeid, attrs))
+        return self._attr(nodeid)
+
+    def mknod(self, parent, name, mode, rdev, umask, ctx):
+        self.calls.append(("mknod", parent, name, mode, rdev, umask))
+        return self._new(mode)
+
+    def mkdir(self, parent, name, mode, umask, ctx):
+        self.calls.append(("mkdir", parent, name, mode, umask))
+        return self._new(stat.S_IFDIR | mode)
+
+    def symlink(self, parent, name, target, ctx):
+        self.calls.append(("symlink", parent, name, target))
+        return self._new(stat.S_IFLNK | 0o777)
+
+    def link(self, nodeid, newparent, newname, ctx):
+        self.calls.append(("link", nodeid, newparent, newname))
+        return self._entry(nodeid)
+
+    def unlink(self, parent, name, ctx):
+        self.calls.append(("unlink", parent, name))
+
+    def rmdir(self, parent, name, ctx):
+        self.calls.append(("rmdir", parent, name))
+
+    def rename(self, parent, name, newparent, newname, flags, ctx):
+        self.calls.append(("rename", parent, name, newparent, newname, flags))
+
+    def create(self, parent, name, mode, flags, umask, ctx):
+        self.calls.append(("create", parent, name, mode, flags, umask))
+        return self._new(mode), 77, abi.FOPEN_DIRECT_IO
+
+    def write(self, nodeid, fh, offset, data, write_flags, ctx):
+        self.calls.append(("write", nodeid, fh, offset, bytes(data), write_flags))
+        return len(data)
+
+    def setxattr(self, nodeid, name, value, flags, ctx):
+        self.calls.append(("setxattr", nodeid, name, value, flags))
+
+    def removexattr(self, nodeid, name, ctx):
+        self.calls.append(("removexattr", nodeid, name))
+
+    def fallocate(self, nodeid, fh, offset, length, mode, ctx):
+        self.calls.append(("fallocate", nodeid, fh, offset, length, mode))
+
+    def copy_file_range(self, nodeid_in, fh_in, off_in, nodeid_out, fh_out, off_out, length, flags, ctx):
+        self.calls.append(("copy_file_range", nodeid_in, fh_in, off_in, nodeid_out, fh_out, off_out, length,
+                           flags))
+        return length // 2
+
+    def getlk(self, nodeid, fh, owner, lock, ctx):
+        self.calls.append(("getlk", nodeid, fh, owner, lock))
+        return lock._replace(type=2, pid=0)
+
+    def setlk(self, nodeid, fh, owner, lock, sleep, flock, ctx):
+        self.calls.append(("setlk", nodeid, fh, owner, lock, sleep, flock))
+
+
+@pytest.fixture
+def wops():
+    return WriteOps()
+
+
+@pytest.fixture
+def wsrv(wops, f):
+    server = FuseServer(wops, readonly=False, posix_locks=True)
+    ok(server.handle(f.init()))
+    return server
+
+
+def _entry_of(payload: bytes) -> codec.EntryOut:
+    e = codec.EntryOut.from_bytes(payload)
+    e.validate()
+    return e
+
+
+def test_writable_server_grants_atomic_o_trunc_and_locks_only_when_asked(ops, f):
+    ro = FuseServer(ops)
+    init = codec.InitOut.from_bytes(ok(ro.handle(f.init())))
+    assert not init.flags & (InitFlags.ATOMIC_O_TRUNC | InitFlags.POSIX_LOCKS | InitFlags.FLOCK_LOCKS)
+    rw = FuseServer(ops, readonly=False)
+    init = codec.InitOut.from_bytes(ok(rw.handle(f.init())))
+    assert init.flags & InitFlags.ATOMIC_O_TRUNC
+    assert not init.flags & (InitFlags.POSIX_LOCKS | InitFlags.FLOCK_LOCKS)
+    locks = FuseServer(ops, readonly=False, posix_locks=True)
+    init = codec.InitOut.from_bytes(ok(locks.handle(f.init())))
+    assert init.flags & InitFlags.POSIX_LOCKS and init.flags & InitFlags.FLOCK_LOCKS
+
+
+def test_entry_creating_opcodes_decode_their_arguments_and_count_a_lookup(wsrv, wops, f):
+    cases = [
+        (f.mknod(ROOT, b"fifo", stat.S_IFIFO | 0o600, 0, 0o022), ("mknod", ROOT, b"fifo", stat.S_IFIFO | 0o600, 0, 0o022)),
+        (f.mknod(ROOT, b"wh", stat.S_IFCHR, 0), ("mknod", ROOT, b"wh", stat.S_IFCHR, 0, 0o022)),
+        (f.mkdir(SUB, b"d", 0o700, 0o077), ("mkdir", SUB, b"d", 0o700, 0o077)),
+        (f.symlink(ROOT, b"sl", b"../some/where"), ("symlink", ROOT, b"sl", b"../some/where")),
+        (f.link(FILE, SUB, b"hard"), ("link", FILE, SUB, b"hard")),
+    ]
+    for req, call in cases:
+        e = _entry_of(ok(wsrv.handle(req)))
+        assert wops.calls[-1] == call
+        assert e.entry_valid == 1 and e.attr_valid == 2  # Entry timeouts 1.25 / 2.5
+        assert wsrv.lookup_count(e.nodeid) == 1 and e.attr.ino == e.nodeid
+    assert wsrv.lookup_count(FILE) == 1  # the hard link counted the existing inode
+
+
+def test_create_replies_entry_and_open_and_counts(wsrv, wops, f):
+    payload = ok(wsrv.handle(f.create(ROOT, b"new", 0o100640, abi.O_WRONLY | abi.O_CREAT | abi.O_EXCL, 0o002)))
+    assert len(payload) == 128 + 16
+    e = _entry_of(payload)
+    assert wops.calls[-1] == ("create", ROOT, b"new", 0o100640, abi.O_WRONLY | abi.O_CREAT | abi.O_EXCL, 0o002)
+    out = codec.OpenOut.from_bytes(payload, 128)
+    assert (out.fh, out.open_flags) == (77, abi.FOPEN_DIRECT_IO)
+    assert wsrv.lookup_count(e.nodeid) == 1
+
+
+def test_create_refused_for_max_nodeids_releases_the_handle_and_the_inode(wops, f):
+    s = FuseServer(wops, readonly=False, max_nodeids=1)
+    ok(s.handle(f.init()))
+    ok(s.handle(f.lookup(ROOT, b"hello.txt")))
+    assert err(s.handle(f.create(ROOT, b"x"))) == errno.ENFILE
+    assert wops.calls[-1] == ("release", 500, 77, 0o102)
+    assert wops.released == [500]
+
+
+def test_unlink_rmdir_rename_rename2(wsrv, wops, f):
+    ok(wsrv.handle(f.unlink(ROOT, b"hello.txt")))
+    assert wops.calls[-1] == ("unlink", ROOT, b"hello.txt")
+    ok(wsrv.handle(f.rmdir(ROOT, b"sub")))
+    assert wops.calls[-1] == ("rmdir", ROOT, b"sub")
+    ok(wsrv.handle(f.rename(ROOT, b"a", SUB, b"b")))
+    assert wops.calls[-1] == ("rename", ROOT, b"a", SUB, b"b", 0)
+    ok(wsrv.handle(f.rename(ROOT, b"a", SUB, b"b", flags=4)))  # RENAME_WHITEOUT
+    assert wops.calls[-1] == ("rename", ROOT, b"a", SUB, b"b", 4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda f: f.unlink(ROOT, b".."), lambda f: f.rmdir(ROOT, b"a/b"), lambda f: f.mkdir(ROOT, b"."),
+    lambda f: f.rename(ROOT, b"a", ROOT, b".."), lambda f: f.rename(ROOT, b"..", ROOT, b"x", flags=0),
+    lambda f: f.symlink(ROOT, b"x/y", b"t"), lambda f: f.link(FILE, ROOT, b"a/b"),
+    lambda f: f.create(ROOT, b""), lambda f: f.mknod(ROOT, b"../x", stat.S_IFREG),
+    lambda f: f.request(Opcode.RENAME, ROOT, struct.pack("<Q", ROOT) + b"a\0b"),
+    lambda f: f.request(Opcode.SYMLINK, ROOT, b"name\0tar\0get\0"),
+    lambda f: f.request(Opcode.SYMLINK, ROOT, b"name-without-nul"),
+])
+def test_bad_names_in_write_opcodes_never_reach_the_filesystem(wsrv, wops, f, make):
+    before = len(wops.calls)
+    assert err(wsrv.handle(make(f))) in (errno.EINVAL, errno.ENOENT)
+    assert len(wops.calls) == before
+
+
+def test_symlink_target_limits(wsrv, wops, f):
+    assert err(wsrv.handle(f.symlink(ROOT, b"s", b""))) == errno.ENOENT
+    assert err(wsrv.handle(f.symlink(ROOT, b"s", b"t" * 4096))) == errno.ENAMETOOLONG
+    ok(wsrv.handle(f.symlink(ROOT, b"s", b"t" * 4095)))
+
+
+def test_write_passes_a_view_of_the_data_and_replies_the_count(wsrv, wops, f):
+    payload = ok(wsrv.handle(f.write(FILE, 9, 4096, b"abcdef", write_flags=abi.FUSE_WRITE_CACHE)))
+    assert codec.WriteOut.from_bytes(payload).size == 6
+    assert wops.calls[-1] == ("write", FILE, 9, 4096, b"abcdef", abi.FUSE_WRITE_CACHE)
+
+
+def test_write_size_beyond_the_request_is_einval(wsrv, wops, f):
+    raw = bytearray(f.write(FILE, 9, 0, b"abc"))
+    struct.pack_into("<I", raw, 40 + 16, 100)  # fuse_write_in.size
+    assert err(wsrv.handle(bytes(raw))) == errno.EINVAL
+    assert not any(c[0] == "write" for c in wops.calls)
+    assert err(wsrv.handle(f.write(FILE, 9, (1 << 63) - 2, b"abc"))) == errno.EFBIG
+
+
+def test_write_returning_more_than_asked_is_a_filesystem_bug(wops, f, caplog):
+    wops.write = lambda *a: 10
+    s = FuseServer(wops, readonly=False)
+    ok(s.handle(f.init()))
+    with caplog.at_level(logging.ERROR, logger="nydus_vfs.fuse"):
+        assert err(s.handle(f.write(FILE, 9, 0, b"abc"))) == errno.EIO
+
+
+def test_setattr_decodes_every_field(wsrv, wops, f):
+    valid = abi.FATTR_MODE | abi.FATTR_SIZE | abi.FATTR_ATIME | abi.FATTR_ATIME_NOW | abi.FATTR_MTIME | abi.FATTR_FH
+    payload = ok(wsrv.handle(f.setattr(FILE, valid, fh=5, size=123, atime=1, atimensec=2, mtime=3,
+                                       mtimensec=4, mode=0o600, uid=7, gid=8)))
+    out = codec.AttrOut.from_bytes(payload)
+    assert out.attr_valid == 2 and out.attr.ino == FILE
+    call = wops.calls[-1]
+    assert call[0] == "setattr" and call[1] == FILE
+    a = call[2]
+    assert (a.valid, a.fh, a.size, a.atime, a.atimensec, a.mtime, a.mtimensec, a.mode, a.uid, a.gid) == (
+        valid, 5, 123, 1, 2, 3, 4, 0o600, 7, 8)
+    assert err(wsrv.handle(f.setattr(FILE, abi.FATTR_MTIME, mtimensec=10**9))) == errno.EINVAL
+
+
+def test_xattr_writes(wsrv, wops, f):
+    ok(wsrv.handle(f.setxattr(FILE, b"trusted.overlay.opaque", b"y", flags=1)))
+    assert wops.calls[-1] == ("setxattr", FILE, b"trusted.overlay.opaque", b"y", 1)
+    ok(wsrv.handle(f.setxattr(FILE, b"user.empty", b"")))
+    assert wops.calls[-1] == ("setxattr", FILE, b"user.empty", b"", 0)
+    ok(wsrv.handle(f.removexattr(FILE, b"user.a")))
+    assert wops.calls[-1] == ("removexattr", FILE, b"user.a")
+    # value length must match the size field; the name must be NUL-terminated and non-empty
+    raw = f.request(Opcode.SETXATTR, FILE, struct.pack("<II", 5, 0) + b"user.x\0abc")
+    assert err(wsrv.handle(raw)) == errno.EINVAL
+    assert err(wsrv.handle(f.setxattr(FILE, b"", b"v"))) == errno.EINVAL
+    assert err(wsrv.handle(f.setxattr(FILE, b"user." + b"x" * 300, b"v"))) == errno.ERANGE
+    assert err(wsrv.handle(f.request(Opcode.SETXATTR, FILE, struct.pack("<II", 70000, 0) + b"a\0"))) == errno.E2BIG
+
+
+def test_fallocate_copy_file_range_and_locks(wsrv, wops, f):
+    ok(wsrv.handle(f.fallocate(FILE, 3, 10, 20, 1)))
+    assert wops.calls[-1] == ("fallocate", FILE, 3, 10, 20, 1)
+    payload = ok(wsrv.handle(f.copy_file_range(FILE, 3, 5, SUB, 4, 6, 100, 0)))
+    assert codec.WriteOut.from_bytes(payload).size == 50
+    assert wops.calls[-1] == ("copy_file_range", FILE, 3, 5, SUB, 4, 6, 100, 0)
+    payload = ok(wsrv.handle(f.lock(Opcode.GETLK, FILE, 3, 99, 0, 10, 1, 42)))
+    out = codec.LkOut.from_bytes(payload)
+    assert (out.start, out.end, out.type, out.pid) == (0, 10, 2, 0)
+    ok(wsrv.handle(f.lock(Opcode.SETLK, FILE, 3, 99, 0, 10, 1, 42)))
+    assert wops.calls[-1][5:] == (False, False)
+    ok(wsrv.handle(f.lock(Opcode.SETLKW, FILE, 3, 99, 0, 2**64 - 1, 0, 42, lk_flags=abi.FUSE_LK_FLOCK)))
+    assert wops.calls[-1][5:] == (True, True)
+    assert err(wsrv.handle(f.lock(Opcode.SETLK, FILE, 3, 99, 0, 10, 7, 42))) == errno.EINVAL
+
+
+def test_ioctl_is_enotty_on_any_server(srv, wsrv, f):
+    assert err(srv.handle(f.ioctl(FILE, 0, 0x5401))) == errno.ENOTTY
+    assert err(wsrv.handle(f.ioctl(FILE, 0, 0x5401))) == errno.ENOTTY
+
+
+@pytest.mark.parametrize("opcode", sorted(abi.WRITE_OPCODES - {Opcode.TMPFILE}), ids=lambda o: Opcode(o).name)
+def test_short_write_arguments_are_einval_not_a_crash(wsrv, f, opcode):
+    assert err(wsrv.handle(f.request(opcode, ROOT, b"\0\0\0"))) == errno.EINVAL
+
+
+def test_readdirplus_entries_not_sent_are_released(wops, f):
+    s = FuseServer(wops, readonly=False)
+    ok(s.handle(f.init()))
+    # 152-byte heads + long names: a 4096-byte reply holds far fewer than the 60 entries.
+    payload = ok(s.handle(f.readdirplus(BIG, 0, 0, 4096)))
+    sent = [d.entry_out.nodeid for d in codec.iter_direntplus(payload) if d.entry_out.nodeid]
+    assert sent and all(s.lookup_count(n) == 1 for n in sent)
+    # exactly one more entry was pulled than fit, and the kernel never saw it
+    assert len(wops.released) == 1 and wops.released[0] not in sent
+    assert wops.released[0] == 100 + len(sent)
