@@ -21,6 +21,8 @@ import pytest
 from nydus_vfs.config import load_config_file
 from nydus_vfs.fs import prefetch_config, prefetch_rafs
 from nydus_vfs.service.daemon import Daemon
+from tests.conftest import requires_fuse
+from tests.functional.nydusd_helpers import Nydusd, write_localfs_config
 
 NYDUS_IMAGE = [sys.executable, "-m", "nydus_vfs.cli.nydus_image"]
 CHUNK = 0x10000
@@ -161,3 +163,54 @@ def test_a_full_cache_filesystem_degrades_to_the_backend_with_one_warning(tmp_pa
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         subprocess.run(["umount", "-l", str(work)], capture_output=True)
+
+
+# -- through nydusd fuse (issue 7 items 9 and 10) -----------------------------------------
+
+def _uncached_read(path) -> bytes:
+    """Read ``path`` after dropping its pages, so the daemon (not the page cache) answers."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        out = bytearray()
+        while chunk := os.read(fd, 1 << 20):
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+@requires_fuse
+def test_nydusd_repairs_a_cache_file_truncated_while_mounted(tmp_path):
+    src, blobs = _build(tmp_path, 6)
+    work = tmp_path / "cache"
+    cfg = write_localfs_config(tmp_path / "c.json", blobs, work, digest_validate=False, enable_xattr=False)
+    with Nydusd(tmp_path, ["--bootstrap", str(tmp_path / "boot"), "--config", str(cfg)]) as d:
+        assert _uncached_read(d.mnt / "hot/a") == (src / "hot/a").read_bytes()
+        [data_file] = [p for p in work.iterdir() if p.name.endswith(".blob.data")]
+        os.truncate(data_file, 100)
+        for _ in range(3):
+            assert _uncached_read(d.mnt / "hot/a") == (src / "hot/a").read_bytes()
+        assert d.alive()
+        log = d.logtext()
+    assert str(data_file) in log and "fetching them again" in log
+    assert " ERROR " not in log and log.count(" WARN ") == 1, log
+
+
+@requires_fuse
+def test_nydusd_logs_a_bad_chunk_once_however_often_it_is_read(tmp_path):
+    src, blobs = _build(tmp_path, 6)
+    [blob] = list(blobs.iterdir())
+    raw = bytearray(blob.read_bytes())
+    raw[10] ^= 0xFF   # inside the first chunk of the first prefetch file (hot/a is laid out first)
+    blob.write_bytes(bytes(raw))
+    cfg = write_localfs_config(tmp_path / "c.json", blobs, tmp_path / "cache", enable_xattr=False)
+    with Nydusd(tmp_path, ["--bootstrap", str(tmp_path / "boot"), "--config", str(cfg)]) as d:
+        for _ in range(30):
+            with pytest.raises(OSError) as info:
+                _uncached_read(d.mnt / "hot/a")
+            assert info.value.errno == 5
+        assert _uncached_read(d.mnt / "cold/x") == (src / "cold/x").read_bytes()
+        log = d.logtext()
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "digest mismatch" in errors[0], log
