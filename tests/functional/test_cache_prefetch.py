@@ -68,11 +68,11 @@ def _ready_bits(work_dir) -> int:
 async def _read(fs, path):
     ino = fs.root_ino
     for part in path.split("/"):
-        ino = fs.lookup(ino, part.encode())
+        ino = fs.lookup(ino, part.encode()).nodeid
     size = fs.attr(ino).size
     out = bytearray()
     while len(out) < size:
-        for p in await fs.read(ino, len(out), 128 << 10):
+        for p in await fs.read(ino, 0, len(out), 128 << 10):
             out += os.pread(p.fd, p.length, p.offset) if hasattr(p, "fd") else p
     return bytes(out)
 
