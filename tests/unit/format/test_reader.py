@@ -10,7 +10,6 @@ import json
 import mmap
 import stat
 import struct
-import time
 
 import blake3
 import pytest
@@ -601,24 +600,26 @@ def test_lookup_and_inode_caches_are_bounded(monkeypatch):
     assert len(boot._icache) <= 4 and len(boot._lcache) <= 4
 
 
-def test_big_v5_image_loads_lazily_and_fast():
+def test_big_v5_image_loads_lazily_and_caches(monkeypatch):
+    # Load cost is measured by scripts/bench, not asserted here: this checks the
+    # behaviour that makes it cheap (nothing decoded up front, repeats are cache hits).
     tree = d({b"d%03d" % i: d({b"file-%05d" % j: f(0) for j in range(170)}) for i in range(100)})
     data = build_v5(tree)
-    start = time.perf_counter()
     boot = Bootstrap.from_bytes(data)
-    elapsed = time.perf_counter() - start
     assert boot.max_ino == 17101
-    assert elapsed < 0.5, f"loading 17k inodes took {elapsed:.3f}s"
     assert len(boot._icache) == 1  # only the root was decoded
     d42 = boot.lookup(1, b"d042")
     names = [b"file-%05d" % j for j in range(170)]
-    assert all(boot.lookup(d42, n) is not None for n in names)
-    start = time.perf_counter()
-    for _ in range(200):
-        for n in names:
-            boot.inode(boot.lookup(d42, n))
-    rate = 2 * 200 * len(names) / (time.perf_counter() - start)
-    assert rate > 100_000, f"only {rate:.0f} cached lookup+inode calls/s"
+    first = [boot.inode(boot.lookup(d42, n)).ino for n in names]
+    assert len(set(first)) == 170
+    decoded = []
+    real = boot._load_inode
+    monkeypatch.setattr(boot, "_load_inode", lambda ino: decoded.append(ino) or real(ino))
+    monkeypatch.setattr(boot, "_lookup", lambda info, name: pytest.fail("lookup missed the cache"))
+    for _ in range(3):
+        assert [boot.inode(boot.lookup(d42, n)).ino for n in names] == first
+    assert decoded == []
+    assert len(boot._icache) == 1 + 1 + 170
 
 
 # --------------------------------------------------------------------- inlined meta and blob ids

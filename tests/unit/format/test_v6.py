@@ -1,4 +1,5 @@
-"""RAFS v6 structures (format/v6.py): the 2.2 vector decoded field by field,
+"""RAFS v6 structures (format/v6.py): a factory image shaped like the 2.2 vector, and the vector
+itself when ../shared is there, decoded field by field,
 byte-exact re-encoding, the loader's strict checks, dirents, chunk indexes, xattrs."""
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from nydus_vfs.format import (
     chunk_format,
     decode_inode,
 )
+from nydus_vfs.format.types import BlobInfo, Compressor, Digester
 from nydus_vfs.format.v6 import EROFS_NULL_ADDR
+from tests.unit.format.format_factory import build_v6, chunk, d, f
 
 V6_BLOB = b"be7d77eeb719f70884758d1aa800ed0fb09d701aaec469964e9d54325f0d5fef"
 META = 2 * 4096
@@ -40,7 +43,51 @@ def inode_off(nid: int) -> int:
 
 @pytest.fixture(scope="module")
 def boot(v6_vector):
+    """The upstream 2.2 vector (tests of its exact facts skip without ../shared)."""
     return v6_vector["boot"].read_bytes()
+
+
+def _synthetic() -> bytes:
+    """A factory-built image shaped like the vector: one blob entry with the same
+    fields, flags 0x194, a root with two chunk-based files."""
+    blob = BlobInfo(index=0, blob_id=V6_BLOB.decode(), chunk_count=2, chunk_size=0x100000,
+                    compressor=Compressor.ZSTD, digester=Digester.BLAKE3, features=0x70000021,
+                    compressed_size=0x38DA, uncompressed_size=0x9000, ci_offset=0x207A, ci_compressed_size=0x20,
+                    ci_uncompressed_size=0x20, blob_toc_size=0x400)
+    tree = d({b"lib.rs": f(16931, [chunk(0, 0, 16931, uoff=0)]),
+              b"sync_io.rs": f(4000, [chunk(0, 1, 4000, uoff=5 * 4096)])})
+    return build_v6(tree, flags=SuperFlags(0x194), blobs=[blob])
+
+
+@pytest.fixture(scope="module", params=["synthetic", "vector"])
+def image(request):
+    """Each structure test runs on a factory-built image, and on the vector when it is there."""
+    if request.param == "synthetic":
+        return _synthetic()
+    return request.getfixturevalue("v6_vector")["boot"].read_bytes()
+
+
+def _devslot_end(data: bytes) -> int:
+    return 1408 + 128 * RafsV6SuperBlock.from_bytes(data, 1024).s_extra_devices
+
+
+def _regular_nids(data: bytes) -> list[int]:
+    """Nids of the root's regular files, from its inline dirent block."""
+    sb = RafsV6SuperBlock.from_bytes(data, 1024)
+    root = decode_inode(data, inode_off(sb.s_root_nid))
+    block = RafsV6DirentBlock.from_bytes(data, inode_off(sb.s_root_nid) + root.SIZE + root.xattr_size,
+                                         root.i_size)
+    return [nid for _, nid, ftype in block.entries if ftype == 1]
+
+
+def test_superblock_round_trip(image):
+    sb = RafsV6SuperBlock.from_bytes(image, 1024)
+    sb.validate(len(image))
+    assert sb.to_bytes() == image[1024:1152]
+    assert (sb.s_magic, sb.s_checksum, sb.s_feature_compat & 0x40000000) == (0xE0F5E1E2, 0, 0x40000000)
+    assert (sb.s_feature_incompat, sb.s_devt_slotoff, sb.s_meta_blkaddr) == (0xC, 11, 2)
+    assert sb.block_size == 4096 and RafsV6SuperBlock.probe(image)
+    assert image[:1024] == b"\0" * 1024
 
 
 def test_superblock_facts_and_round_trip(boot):
@@ -75,11 +122,11 @@ def test_superblock_defaults_round_trip():
     ("s_meta_blkaddr", 100, "past the end"),
     ("s_root_nid", 0, "root nid 0"),
 ])
-def test_superblock_validate_refuses(boot, field, value, match):
-    sb = RafsV6SuperBlock.from_bytes(boot, 1024)
+def test_superblock_validate_refuses(image, field, value, match):
+    sb = RafsV6SuperBlock.from_bytes(image, 1024)
     setattr(sb, field, value)
     with pytest.raises(FormatError, match=match):
-        sb.validate(len(boot))
+        sb.validate(len(image))
 
 
 def test_superblock_blocks_rule_without_devices():
@@ -92,10 +139,17 @@ def test_superblock_blocks_rule_without_devices():
         RafsV6SuperBlock(s_root_nid=128, s_inos=1).validate(5000)
 
 
-def test_ext_superblock_facts_and_round_trip(boot):
+def test_ext_superblock_round_trip(image):
+    ext = RafsV6SuperBlockExt.from_bytes(image, 1152)
+    ext.validate(len(image), _devslot_end(image))
+    assert ext.to_bytes() == image[1152:1408]
+    assert ext.s_flags == 0x194 and ext.s_chunk_size == 0x100000
+    assert (ext.s_blob_table_offset, ext.s_blob_table_size) == (4096, 256)
+    assert ext.s_chunk_table_size == 160 and ext.s_chunk_table_offset % 4096 == 0
+
+
+def test_ext_superblock_facts(boot):
     ext = RafsV6SuperBlockExt.from_bytes(boot, 1152)
-    ext.validate(len(boot), 1536)
-    assert ext.to_bytes() == boot[1152:1408]
     assert ext.s_flags == 0x194 and ext.s_chunk_size == 0x100000
     assert (ext.s_blob_table_offset, ext.s_blob_table_size) == (4096, 256)
     assert (ext.s_chunk_table_offset, ext.s_chunk_table_size) == (16384, 160)
@@ -115,29 +169,33 @@ def test_ext_superblock_facts_and_round_trip(boot):
     ("s_chunk_table_size", 170, "chunk table"),
     ("s_prefetch_table_offset", 4096, "prefetch table"),
 ])
-def test_ext_superblock_validate_refuses(boot, field, value, match):
-    ext = RafsV6SuperBlockExt.from_bytes(boot, 1152)
+def test_ext_superblock_validate_refuses(image, field, value, match):
+    ext = RafsV6SuperBlockExt.from_bytes(image, 1152)
     setattr(ext, field, value)
     if field == "s_prefetch_table_offset":
         ext.s_prefetch_table_size = 8
     with pytest.raises(FormatError, match=match):
-        ext.validate(len(boot), 1536)
+        ext.validate(len(image), _devslot_end(image))
 
 
-def test_device_and_blob_entry(boot):
-    dev = RafsV6Device.from_bytes(boot, 1408)
-    assert dev.to_bytes() == boot[1408:1536]
-    assert dev.blob_id == V6_BLOB and dev.blocks == 9 and dev.mapped_blkaddr == 512
+def test_device_and_blob_entry(image):
+    dev = RafsV6Device.from_bytes(image, 1408)
+    assert dev.to_bytes() == image[1408:1536]
+    assert dev.blob_id == V6_BLOB and dev.blocks == 9
     dev.validate()
     with pytest.raises(FormatError, match="at least one block"):
         RafsV6Device(blob_id=b"x", blocks=0).validate()
-    entry = RafsV6Blob.from_bytes(boot, 4096)
-    assert entry.to_bytes() == boot[4096:4352]
+    entry = RafsV6Blob.from_bytes(image, 4096)
+    assert entry.to_bytes() == image[4096:4352]
     entry.validate(0, 0x100000, 0x194)
     info = entry.to_blob_info()
     assert info.blob_id == V6_BLOB.decode() and info.features == 0x70000021
     assert (entry.compression_algo, entry.digest_algo, entry.ci_compressor) == (3, 0, 0)
-    assert RafsV6Blob.from_blob_info(info).to_bytes() == boot[4096:4352]
+    assert RafsV6Blob.from_blob_info(info).to_bytes() == image[4096:4352]
+
+
+def test_vector_device_mapping(boot):
+    assert RafsV6Device.from_bytes(boot, 1408).mapped_blkaddr == 512
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -158,15 +216,15 @@ def test_device_and_blob_entry(boot):
     ("ci_uncompressed_size", 48, "v1 ci entries"),
     ("ci_compressed_size", 64, "larger than ci_uncompressed_size"),
 ])
-def test_blob_entry_validate_refuses(boot, field, value, match):
-    entry = RafsV6Blob.from_bytes(boot, 4096)
+def test_blob_entry_validate_refuses(image, field, value, match):
+    entry = RafsV6Blob.from_bytes(image, 4096)
     setattr(entry, field, value)
     with pytest.raises(FormatError, match=match):
         entry.validate(0, 0x100000, 0x194)
 
 
-def test_blob_entry_tarfs_rules(boot):
-    entry = RafsV6Blob.from_bytes(boot, 4096)
+def test_blob_entry_tarfs_rules(image):
+    entry = RafsV6Blob.from_bytes(image, 4096)
     with pytest.raises(FormatError, match="must not be set in tarfs"):
         entry.validate(0, 0x100000, 0x194 | int(SuperFlags.TARTFS_MODE))
     entry.features &= ~int(BlobFeatures.ALIGNED)
@@ -212,6 +270,18 @@ def test_compact_inode_round_trip():
     back = decode_inode(raw, 0)
     assert isinstance(back, RafsV6InodeCompact) and back == ino
     assert back.xattr_size == 12 + 2 * 4 and not back.is_extended and back.layout == 4
+
+
+def test_root_dirent_block_round_trip_any(image):
+    sb = RafsV6SuperBlock.from_bytes(image, 1024)
+    root = decode_inode(image, inode_off(sb.s_root_nid))
+    root.validate()
+    assert root.layout == 2 and root.i_mode & 0o170000 == 0o040000
+    start = inode_off(sb.s_root_nid) + root.SIZE + root.xattr_size
+    block = RafsV6DirentBlock.from_bytes(image, start, root.i_size)
+    assert [name for name, _, _ in block.entries] == [b".", b"..", b"lib.rs", b"sync_io.rs"]
+    assert block.to_bytes() == image[start:start + root.i_size]
+    block.validate()
 
 
 def test_root_dirent_block_round_trip(boot):
@@ -303,11 +373,27 @@ def test_chunk_addr_errors():
     RafsV6InodeChunkAddr(c_blk_addr=EROFS_NULL_ADDR).validate(0)
 
 
-def test_chunk_table_records_round_trip(boot):
+def test_chunk_addresses_round_trip(image):
+    nids = _regular_nids(image)
+    assert len(nids) == 2
+    for nid in nids:
+        ino = decode_inode(image, inode_off(nid))
+        ino.validate()
+        assert ino.layout == 4 and ino.i_u == chunk_format(0x100000) | (ino.i_u & 0x8)
+        base = inode_off(nid) + ((ino.SIZE + ino.xattr_size + 7) & ~7)
+        addr = RafsV6InodeChunkAddr.from_bytes(image, base)
+        assert addr.to_bytes() == image[base:base + 8]
+        assert addr.blob_index == 0 and addr.blob_ci_index in (0, 1) and not addr.is_hole
+        addr.validate(1)
+
+
+def test_chunk_table_records_round_trip(image):
+    ext = RafsV6SuperBlockExt.from_bytes(image, 1152)
+    assert ext.s_chunk_table_size == 160
     for i in range(2):
-        off = 16384 + 80 * i
-        rec = RafsV5ChunkInfo.from_bytes(boot, off)
-        assert rec.to_bytes() == boot[off:off + 80]
+        off = ext.s_chunk_table_offset + 80 * i
+        rec = RafsV5ChunkInfo.from_bytes(image, off)
+        assert rec.to_bytes() == image[off:off + 80]
         assert rec.blob_index == 0 and rec.index in (0, 1)
 
 

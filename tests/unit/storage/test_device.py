@@ -1,4 +1,9 @@
-"""The chunk data path: BlobLayer / BlobDevice over real vectors and synthetic blobs."""
+"""The chunk data path: BlobLayer / BlobDevice over built images, real vectors and synthetic blobs.
+
+The image-level tests run on images made by ``nydus_vfs.builder`` from a small
+tree (so a fresh clone without ../shared tests them) and again on the upstream
+vectors when they are there.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import shutil
 import blake3
 import pytest
 
+from nydus_vfs.builder import BuildOptions, build
 from nydus_vfs.errors import BackendNotFoundError, ChunkCorruptError, ConfigError, StorageError
 from nydus_vfs.format.types import BlobFeatures, ChunkFlags, ChunkInfo, Cipher, Compressor, Digester
 from nydus_vfs.storage import BlobLayer, CacheSpec, FileSegment, LocalfsBackend
@@ -52,25 +58,68 @@ def filecache(tmp_path, validate=False, sub="cache"):
     return CacheSpec("blobcache", str(tmp_path / sub), validate)
 
 
-# -- upstream vectors ---------------------------------------------------------------
+# -- built images and upstream vectors -------------------------------------------------
 
-@pytest.fixture(scope="module")
-def v5(v5_vector):
-    boot = v5_vector["boots"][0].read_bytes()
-    info, distinct, records = parse_v5(boot)
-    assert info.chunk_count == 23 and len(distinct) == 23 and len(records) == 29
-    return info, distinct, records, v5_vector["blob_dir"]
+_CHUNK = 0x10000
+_DATA = b"".join(hashlib.sha256(b"%d" % i).digest() for i in range(6000))   # 192000 bytes
 
 
 @pytest.fixture(scope="module")
-def v6(v6_vector):
-    info, chunks = parse_v6(v6_vector["boot"].read_bytes())
-    assert info.compressor == Compressor.ZSTD and info.digester == Digester.BLAKE3 and len(chunks) == 2
-    return info, chunks, v6_vector["blob_dir"]
+def tree(tmp_path_factory):
+    """Files of 0..3 chunks (64 KiB chunks), one a duplicate of another, for the builder."""
+    src = tmp_path_factory.mktemp("tree")
+    (src / "three").write_bytes(_DATA[:3 * _CHUNK - 100])
+    (src / "one").write_bytes(b"a compressible line of text\n" * 150)
+    (src / "dir").mkdir()
+    (src / "dir" / "copy-of-three").write_bytes(_DATA[:3 * _CHUNK - 100])
+    (src / "dir" / "tail").write_bytes(_DATA[-777:])
+    (src / "empty").write_bytes(b"")
+    return src
+
+
+def _built(tmp_path_factory, src, version: int, compressor: Compressor, digester: Digester):
+    out = tmp_path_factory.mktemp(f"v{version}-{compressor.name}-{digester.name}")
+    build(str(src), BuildOptions(fs_version=version, compressor=compressor, digester=digester, chunk_size=_CHUNK,
+                                 bootstrap=str(out / "boot"), blob_dir=str(out)))
+    return (out / "boot").read_bytes(), out
+
+
+@pytest.fixture(scope="module", params=["built", "vector"])
+def v5(request, tmp_path_factory, tree):
+    """(blob, distinct chunks, every chunk record, blob dir) of an uncompressed sha256 v5 image."""
+    if request.param == "built":
+        boot, blob_dir = _built(tmp_path_factory, tree, 5, Compressor.NONE, Digester.SHA256)
+        info, distinct, records = parse_v5(boot)
+        # The duplicate file's chunks are stored once.
+        assert len(distinct) == 5 and len(records) == 8
+    else:
+        v5_vector = request.getfixturevalue("v5_vector")
+        boot, blob_dir = v5_vector["boots"][0].read_bytes(), v5_vector["blob_dir"]
+        info, distinct, records = parse_v5(boot)
+        assert info.chunk_count == 23 and len(distinct) == 23 and len(records) == 29
+    return info, distinct, records, blob_dir
+
+
+@pytest.fixture(scope="module", params=["built", "vector"])
+def v6(request, tmp_path_factory, tree):
+    """(blob, chunk-table records, blob dir) of a zstd/blake3 v6 image."""
+    if request.param == "built":
+        boot, blob_dir = _built(tmp_path_factory, tree, 6, Compressor.ZSTD, Digester.BLAKE3)
+        info, chunks = parse_v6(boot)
+        assert len(chunks) == 5
+    else:
+        v6_vector = request.getfixturevalue("v6_vector")
+        info, chunks = parse_v6(v6_vector["boot"].read_bytes())
+        assert len(chunks) == 2 and [c.uncompressed_size for c in chunks] == [16931, 13400]
+        # The v6 blob id is not sha256(file) (rafs-format.md §3.8): nothing may assume it is.
+        blob_dir = v6_vector["blob_dir"]
+        assert hashlib.sha256((blob_dir / info.blob_id).read_bytes()).hexdigest() != info.blob_id
+    assert info.compressor == Compressor.ZSTD and info.digester == Digester.BLAKE3
+    return info, chunks, blob_dir
 
 
 @pytest.mark.parametrize("cache_kind", ["", "blobcache"])
-def test_v5_vector_every_chunk_matches_its_sha256(v5, tmp_path, cache_kind):
+def test_v5_every_chunk_matches_its_sha256(v5, tmp_path, cache_kind):
     info, distinct, _, blob_dir = v5
     assert info.digester == Digester.SHA256
     blob = (blob_dir / info.blob_id).read_bytes()
@@ -84,7 +133,7 @@ def test_v5_vector_every_chunk_matches_its_sha256(v5, tmp_path, cache_kind):
     device.close()
 
 
-def test_v5_blake3_bootstrap_reads_the_same_blob(v5_vector):
+def test_v5_blake3_vector_reads_the_same_blob(v5_vector):
     info, distinct, _ = parse_v5(v5_vector["boots"][1].read_bytes())
     assert info.digester == Digester.BLAKE3
     device = BlobLayer().open_device([info], LocalfsBackend(dir=v5_vector["blob_dir"]), NOCACHE, True)
@@ -92,18 +141,28 @@ def test_v5_blake3_bootstrap_reads_the_same_blob(v5_vector):
         assert blake3.blake3(read(device, whole(c))).digest() == c.digest
 
 
-def test_v6_vector_zstd_chunks_decode_and_validate(v6, tmp_path):
+def test_v5_built_blake3_image_reads_and_validates(tmp_path_factory, tree):
+    boot, blob_dir = _built(tmp_path_factory, tree, 5, Compressor.NONE, Digester.BLAKE3)
+    info, distinct, _ = parse_v5(boot)
+    assert info.digester == Digester.BLAKE3
+    device = BlobLayer().open_device([info], LocalfsBackend(dir=blob_dir), NOCACHE, True)
+    got = b"".join(read(device, whole(c)) for c in sorted(distinct.values(), key=lambda c: c.index))
+    assert _DATA[:3 * _CHUNK - 100] in got and _DATA[-777:] in got and b"compressible" in got
+    for c in distinct.values():
+        assert blake3.blake3(read(device, whole(c))).digest() == c.digest
+    device.close()
+
+
+def test_v6_zstd_chunks_decode_and_validate(v6, tmp_path):
     info, chunks, blob_dir = v6
-    # The v6 blob id is not sha256(file) (reference §3.8): nothing may assume it is.
-    assert hashlib.sha256((blob_dir / info.blob_id).read_bytes()).hexdigest() != info.blob_id
     device = BlobLayer().open_device([info], LocalfsBackend(dir=blob_dir), filecache(tmp_path), True)
     sizes = []
+    assert any(c.flags & ChunkFlags.COMPRESSED for c in chunks)
     for c in chunks:
-        assert c.flags & ChunkFlags.COMPRESSED
         data = read(device, whole(c))
         assert blake3.blake3(data).digest() == c.digest
         sizes.append(len(data))
-    assert sizes == [16931, 13400]
+    assert sizes == [c.uncompressed_size for c in chunks]
     # Second time: served from the cache file, zero copy.
     pieces = run(device.read(whole(chunks[1])))
     assert len(pieces) == 1 and isinstance(pieces[0], FileSegment)

@@ -259,11 +259,10 @@ def test_drive_answers_boots_and_collects_output(tmp_path):
         echo 'qemu warning' >&2
         """)
     console = guest._Console(NONCE, 1)
-    stderr, elapsed = guest._drive(cmd, console, timeout=10)
+    stderr, _elapsed = guest._drive(cmd, console, timeout=10)
     assert console.results == [guest.BootResult(1, "asked for part 1\n", 7)]
     assert "after the end marker" in console.text()
     assert stderr == "qemu warning\n"
-    assert elapsed < 10
 
 
 def test_drive_kills_qemu_on_timeout(tmp_path):
