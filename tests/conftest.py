@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -83,13 +84,25 @@ def linked_blob_dir(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_vectors_stay_pristine():
-    """Fail the run if any test wrote into ../shared/vectors (and remove what it wrote)."""
-    before = {p for p in VECTORS.rglob("*")} if VECTORS.exists() else set()
+    """Fail the run if any test wrote into ../shared/vectors (and remove what it wrote).
+
+    Only files that appeared *during* this session and are newer than its start
+    are removed: when the vectors were not visible at the start (``../shared``
+    missing or briefly moved), nothing is removed at all, or this fixture would
+    delete every vector that shows up later (it did once).
+    """
+    started = time.time()
+    existed = VECTORS.exists()
+    before = {p for p in VECTORS.rglob("*")} if existed else set()
     yield
-    if not VECTORS.exists():
+    if not existed or not VECTORS.exists():
         return
     added = sorted({p for p in VECTORS.rglob("*")} - before)
     for p in added:
-        if p.is_file() or p.is_symlink():
+        try:
+            fresh = p.lstat().st_mtime >= started - 1
+        except FileNotFoundError:
+            continue
+        if fresh and (p.is_file() or p.is_symlink()):
             p.unlink()
     assert not added, f"tests wrote into the shared vectors: {[str(p) for p in added]}"
