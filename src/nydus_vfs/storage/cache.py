@@ -46,6 +46,8 @@ __all__ = ["CACHE_KINDS", "CacheSpec", "BlobCacheFile", "ChunkLRU"]
 
 log = logging.getLogger("nydus_vfs.storage")
 _limiter = LogLimiter(log)
+_lseek = os.lseek
+_SEEK_END = os.SEEK_END
 
 # RAFS v6 caps a blob's uncompressed size at 2^44 (reference §2.5).
 _MAX_DATA_SIZE = 1 << 44
@@ -194,16 +196,18 @@ class BlobCacheFile:
     def lookup(self, chunk: ChunkInfo, offset: int, length: int) -> FileSegment | None:
         """The cached range of ``chunk`` as a segment, or None when not cached.
 
-        The data file's current size is checked (one ``fstat``) so a file
-        truncated behind our back is a miss and gets repaired, never a short
-        read for the transport.
+        The data file's current size is checked so a file truncated behind our
+        back is a miss and gets repaired, never a short read for the
+        transport.  (``lseek(SEEK_END)`` costs a fifth of ``fstat`` in Python;
+        nothing here uses the fd's file position: every access is positioned.)
         """
-        if self.closed or not self.is_cached(chunk):
+        if self.closed or (not self.map.is_ready(chunk)
+                           and not (self.unsynced and self._key(chunk) in self.unsynced)):
             return None
         end = chunk.uncompressed_offset + chunk.uncompressed_size
         try:
-            actual = os.fstat(self.fd).st_size
-        except OSError:
+            actual = _lseek(self.fd, 0, _SEEK_END)
+        except OSError:  # closed
             return None
         if end <= actual:
             return FileSegment(self.fd, chunk.uncompressed_offset + offset, length)
