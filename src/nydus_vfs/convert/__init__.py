@@ -7,14 +7,27 @@
   the image's bootstrap, blob ids = layer digests), :func:`unpack` (a nydus
   blob layer back to an OCI tar), and the descriptor tests
   :func:`is_nydus_blob` / :func:`is_nydus_bootstrap`.
+  Whole images (``nydusify``): :func:`convert_image` and :func:`check_image`
+  over a small OCI distribution client (:class:`Reference`,
+  :class:`RegistryClient`, :func:`docker_credentials`).
 * does not own: RAFS building (it drives :mod:`nydus_vfs.builder`
-  in-process, as upstream drives ``nydus-image``), registries and manifests
-  (``nydusify``).
+  in-process, as upstream drives ``nydus-image``), the command line
+  (:mod:`nydus_vfs.cli.nydusify`), mounting (nydusd).
 
 Errors: :class:`~nydus_vfs.errors.ConvertError`, naming the entry, layer or
 section at fault.
 """
 
+from ._distribution import Reference as Reference
+from ._distribution import RegistryClient as RegistryClient
+from ._distribution import docker_credentials as docker_credentials
+from ._image import CheckOptions as CheckOptions
+from ._image import ConvertOptions as ConvertOptions
+from ._image import ConvertResult as ConvertResult
+from ._image import check_image as check_image
+from ._image import convert_image as convert_image
+from ._image import fetch_nydus_bootstrap as fetch_nydus_bootstrap
+from ._image import host_platform as host_platform
 from ._pack import PackResult as PackResult
 from ._pack import blob_meta_file as blob_meta_file
 from ._pack import merge as merge
@@ -75,4 +88,14 @@ __all__ = [
     "blob_meta_file",
     "is_nydus_blob",
     "is_nydus_bootstrap",
+    "Reference",
+    "RegistryClient",
+    "docker_credentials",
+    "ConvertOptions",
+    "ConvertResult",
+    "CheckOptions",
+    "convert_image",
+    "check_image",
+    "fetch_nydus_bootstrap",
+    "host_platform",
 ]
