@@ -1,8 +1,7 @@
 """OCI images and a real registry for the nydusify tests (``tests.functional.oci_helpers``).
 
-* :class:`Registry` runs Debian's ``docker-registry`` (distribution 2.8) on a
-  free 127.0.0.1 port with filesystem storage in a temp dir, optionally with
-  htpasswd (bcrypt) basic auth.
+* The registry itself is ``registry_helpers.DockerRegistry`` (Debian's
+  ``docker-registry`` on a free 127.0.0.1 port, plain, htpasswd or token auth).
 * :func:`write_oci_layout` writes an OCI image layout directory (gzip layers,
   config with ``rootfs.diff_ids``, ``index.json`` with the tag) that skopeo
   copies into the registry and umoci unpacks for the reference tree.
@@ -19,81 +18,17 @@ import io
 import json
 import os
 import platform
-import shutil
-import socket
 import subprocess
 import tarfile
-import time
-import urllib.request
 
-import pytest
+from tests.functional.registry_helpers import need as _need
 
 ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
 def need(*tools: str) -> None:
     for t in tools:
-        if shutil.which(t) is None:
-            pytest.skip(f"{t} is not installed (scripts/setup installs docker-registry, skopeo, umoci, curl)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Registry:
-    """``docker-registry serve`` on 127.0.0.1:<free port>; ``users`` {name: password} turns on basic auth."""
-
-    def __init__(self, root, users: dict[str, str] | None = None) -> None:
-        need("docker-registry")
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        auth = ""
-        if users:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                import crypt  # bcrypt through libxcrypt; the registry's htpasswd accepts only bcrypt
-
-            lines = [f"{u}:{crypt.crypt(p, crypt.mksalt(crypt.METHOD_BLOWFISH))}" for u, p in users.items()]
-            (root / "htpasswd").write_text("\n".join(lines) + "\n")
-            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n"
-        (root / "config.yml").write_text(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
-            f"storage:\n  filesystem:\n    rootdirectory: {root / 'store'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n{auth}")
-        self.log = open(root / "registry.log", "wb")
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2)
-                break
-            except urllib.error.HTTPError as exc:
-                if exc.code == 401:
-                    break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"docker-registry did not start: {(root / 'registry.log').read_text()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+        _need(t)
 
 
 def tar_bytes(entries) -> bytes:

@@ -27,8 +27,9 @@ import urllib.request
 import pytest
 from aiohttp import ClientSession, web
 
-from tests.functional.oci_helpers import (LOWER, UPPER, Registry, need, skopeo_push, skopeo_raw, tar_bytes,
-                                          two_layer_image, write_oci_layout)
+from tests.functional.oci_helpers import (LOWER, UPPER, need, skopeo_push, skopeo_raw, tar_bytes, two_layer_image,
+                                          write_oci_layout)
+from tests.functional.registry_helpers import DockerRegistry, TokenServer
 
 NYDUSIFY = [sys.executable, "-m", "nydus_vfs.cli.nydusify"]
 NYDUS_IMAGE = [sys.executable, "-m", "nydus_vfs.cli.nydus_image"]
@@ -38,9 +39,8 @@ NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     need("docker-registry", "skopeo")
-    reg = Registry(tmp_path_factory.mktemp("registry"))
-    yield reg
-    reg.stop()
+    with DockerRegistry(tmp_path_factory.mktemp("registry")) as reg:
+        yield reg
 
 
 @pytest.fixture(scope="module")
@@ -364,24 +364,192 @@ def test_registry_failing_mid_push_leaves_no_manifest(registry, source, tmp_path
     assert os.listdir(work) == []
 
 
+def _docker_config(tmp_path, host: str, user: str, password: str):
+    cfg = tmp_path / "docker"
+    cfg.mkdir(parents=True, exist_ok=True)
+    (cfg / "config.json").write_text(json.dumps(
+        {"auths": {host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}}}))
+    return cfg
+
+
+def _convert_and_check_with_auth(reg, tmp_path, user: str, password: str) -> None:
+    layout = tmp_path / "layout"
+    write_oci_layout(layout, "v1", [tar_bytes(UPPER)])
+    skopeo_push(layout, "v1", f"{reg.host}/sec:v1", creds=f"{user}:{password}")
+    cfg = _docker_config(tmp_path, reg.host, user, password)
+    args = ["convert", "--source", f"{reg.host}/sec:v1", "--target", f"{reg.host}/sec:v1-nydus", "--plain-http",
+            "--work-dir", str(tmp_path / "w")]
+    r = nydusify(*args, env={"DOCKER_CONFIG": str(tmp_path / "empty")})
+    assert r.returncode == 1 and "401" in r.stderr.decode() and "no credentials" in r.stderr.decode()
+    r = nydusify(*args, env={"DOCKER_CONFIG": str(_docker_config(tmp_path / "bad", reg.host, user, "wrong"))})
+    assert r.returncode == 1 and "401" in r.stderr.decode()
+    r = nydusify(*args, env={"DOCKER_CONFIG": str(cfg)})
+    assert r.returncode == 0, r.stderr.decode()
+    r = nydusify("check", "--target", f"{reg.host}/sec:v1-nydus", "--source", f"{reg.host}/sec:v1",
+                 "--plain-http", "--work-dir", str(tmp_path / "c"), env={"DOCKER_CONFIG": str(cfg)})
+    assert r.returncode == 0, r.stderr.decode()
+
+
 def test_basic_auth_registry_with_docker_config(tmp_path):
-    reg = Registry(tmp_path / "authreg", users={"alice": "s3cret"})
+    need("htpasswd")
+    with DockerRegistry(tmp_path, auth="htpasswd") as reg:
+        _convert_and_check_with_auth(reg, tmp_path, reg.user, reg.password)
+
+
+def test_token_auth_registry_shares_the_backends_auth(tmp_path):
+    tokens = TokenServer(tmp_path)
+    tokens.start_in_thread()
     try:
-        layout = tmp_path / "layout"
-        write_oci_layout(layout, "v1", [tar_bytes(UPPER)])
-        skopeo_push(layout, "v1", f"{reg.host}/sec:v1", creds="alice:s3cret")
-        cfg = tmp_path / "docker"
-        cfg.mkdir()
-        (cfg / "config.json").write_text(json.dumps(
-            {"auths": {reg.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}}))
-        args = ["convert", "--source", f"{reg.host}/sec:v1", "--target", f"{reg.host}/sec:v1-nydus", "--plain-http",
-                "--work-dir", str(tmp_path / "w")]
-        r = nydusify(*args, env={"DOCKER_CONFIG": str(tmp_path / "empty")})
-        assert r.returncode == 1 and "401" in r.stderr.decode() and "no credentials" in r.stderr.decode()
-        r = nydusify(*args, env={"DOCKER_CONFIG": str(cfg)})
-        assert r.returncode == 0, r.stderr.decode()
-        r = nydusify("check", "--target", f"{reg.host}/sec:v1-nydus", "--source", f"{reg.host}/sec:v1",
-                     "--plain-http", "--work-dir", str(tmp_path / "c"), env={"DOCKER_CONFIG": str(cfg)})
-        assert r.returncode == 0, r.stderr.decode()
+        with DockerRegistry(tmp_path, auth=tokens) as reg:
+            _convert_and_check_with_auth(reg, tmp_path, tokens.user, tokens.password)
+        scopes = {q.get("scope", "") for _, q in tokens.requests}
+        assert "repository:sec:pull,push" in scopes or any("sec:" in s and "push" in s for s in scopes), scopes
     finally:
-        reg.stop()
+        tokens.stop_thread()
+
+
+# -- mounted by nydusd from the registry -------------------------------------------------------------------------
+
+def _mounted(mnt) -> bool:
+    # /proc/self/mountinfo, not stat(): the test must not warm the mount it checks.
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(mnt) for line in f)
+
+
+def _wait_mount(proc: subprocess.Popen, mnt, log_path) -> str:
+    import time
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if _mounted(mnt):
+            return ""
+        if proc.poll() is not None:
+            return open(log_path, errors="replace").read()
+        time.sleep(0.05)
+    return "did not mount within 30 s"
+
+
+def _need_fuse():
+    from tests.conftest import fuse_unavailable_reason
+    reason = fuse_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _stop(proc: subprocess.Popen, mnt) -> int:
+    import signal
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if _mounted(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return proc.returncode
+
+
+def test_nydusify_mount_from_the_registry_equals_the_umoci_tree(registry, source, tmp_path):
+    _need_fuse()
+    need("umoci")
+    _converted(registry, source, tmp_path, "v1-nydus")
+    r = subprocess.run(["umoci", "unpack", "--image", f"{source}:v1", str(tmp_path / "bundle")],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    mnt = tmp_path / "mnt"
+    log_path = tmp_path / "mount.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(NYDUSIFY + ["mount", "--target", f"{registry.host}/app:v1-nydus", "--plain-http",
+                                            "--mount-path", str(mnt), "--work-dir", str(tmp_path / "mw")],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        error = _wait_mount(proc, mnt, log_path)
+        if "'registry' is not supported by this nydusd" in error:
+            pytest.skip("this nydusd does not serve the registry backend yet")
+        assert not error, error
+        assert _tree_of_dir(str(mnt)) == _tree_of_dir(str(tmp_path / "bundle" / "rootfs"))
+    finally:
+        rc = _stop(proc, mnt)
+    assert rc == 0
+    assert os.listdir(tmp_path / "mw") == []
+
+
+def test_backend_proxy_serves_converted_blobs_to_nydusd(registry, source, tmp_path):
+    """nydus-backend-proxy over a dir of layer blobs, nydusd's registry backend (http, one-segment repo)."""
+    _need_fuse()
+    _converted(registry, source, tmp_path, "v1-nydus")
+    manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
+    *blobs, boot = manifest["layers"]
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    for d in blobs:
+        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
+    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
+        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    proxy = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydus_backend_proxy", "--blobsdir",
+                              str(blob_dir), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proxy.stdout.readline().decode()
+        host = line.rsplit("http://", 1)[1].strip()
+        config = {"device": {"backend": {"type": "registry",
+                                         "config": {"scheme": "http", "host": host, "repo": "blobs"}},
+                             "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+                  "mode": "direct", "digest_validate": True, "enable_xattr": True}
+        (tmp_path / "nydusd.json").write_text(json.dumps(config))
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        log_path = tmp_path / "nydusd.log"
+        nydusd = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--config",
+                                   str(tmp_path / "nydusd.json"), "--bootstrap", str(tmp_path / "image.boot"),
+                                   "--mountpoint", str(mnt), "--log-file", str(log_path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            error = _wait_mount(nydusd, mnt, log_path)
+            if "'registry' is not supported by this nydusd" in error:
+                pytest.skip("this nydusd does not serve the registry backend yet")
+            assert not error, error
+            assert (mnt / "etc" / "over").read_bytes() == b"upper version\n"
+            big = dict(UPPER_FILES)["opt/big"]
+            assert hashlib.sha256((mnt / "opt" / "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+            tool = dict(LOWER_FILES)["usr/bin/tool"]
+            assert (mnt / "usr" / "bin" / "tool").read_bytes() == tool
+        finally:
+            _stop(nydusd, mnt)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def test_converted_blobs_mounted_by_nydusd_from_a_blob_dir_equal_the_umoci_tree(registry, source, tmp_path):
+    """The same check with the layer blobs fetched by plain HTTP into a localfs dir (no registry backend needed)."""
+    _need_fuse()
+    need("umoci")
+    _converted(registry, source, tmp_path, "v1-nydus")
+    manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
+    *blobs, boot = manifest["layers"]
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    for d in blobs:
+        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
+    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
+        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    r = subprocess.run(["umoci", "unpack", "--image", f"{source}:v1", str(tmp_path / "bundle")],
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log_path = tmp_path / "nydusd.log"
+    nydusd = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--bootstrap",
+                               str(tmp_path / "image.boot"), "--localfs-dir", str(blob_dir), "--mountpoint",
+                               str(mnt), "--log-file", str(log_path)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    try:
+        error = _wait_mount(nydusd, mnt, log_path)
+        assert not error, error
+        assert _tree_of_dir(str(mnt)) == _tree_of_dir(str(tmp_path / "bundle" / "rootfs"))
+    finally:
+        assert _stop(nydusd, mnt) == 0
+
+
+LOWER_FILES = [(n, o["data"]) for n, k, o in LOWER if k == "file" and "data" in o]
+UPPER_FILES = [(n, o["data"]) for n, k, o in UPPER if k == "file" and "data" in o]

@@ -12,8 +12,9 @@
   monolithically (``POST`` + ``PUT ?digest=``) or in chunks (``PATCH`` with
   ``Content-Range``), skipped when ``HEAD`` finds them; manifests are put
   last by the caller, so a failed push never moves a tag.  ``401`` answers are
-  met with Basic credentials or a Bearer token fetched from the challenge's
-  realm (scope ``repository:<repo>:pull,push``).
+  met by :class:`~nydus_vfs.storage.backend.RegistryAuth`, the challenge
+  answering (Basic, Bearer token fetch and refresh) nydusd's registry backend
+  uses too.
 
 Every failure raises :class:`~nydus_vfs.errors.ConvertError` naming the
 registry, the object and the HTTP status with the registry's error message.
@@ -33,7 +34,8 @@ from urllib.parse import urlencode, urljoin
 
 import aiohttp
 
-from ..errors import ConvertError
+from ..errors import BackendError, ConvertError
+from ..storage.backend import RegistryAuth
 
 __all__ = [
     "Reference",
@@ -171,12 +173,6 @@ def _registry_error(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace").strip()
 
 
-def _parse_challenge(value: str) -> tuple[str, dict[str, str]]:
-    scheme, _, rest = value.strip().partition(" ")
-    params = dict((k.lower(), v) for k, v in re.findall(r'(\w+)="([^"]*)"', rest))
-    return scheme.lower(), params
-
-
 class RegistryClient:
     """One registry, reached over ``session``.
 
@@ -191,36 +187,36 @@ class RegistryClient:
         self.registry = registry
         self._scheme = "http" if plain_http else "https"
         self._insecure = insecure
-        self._creds = docker_credentials(registry) if credentials is True else (credentials or None)
-        self._auth_header: str | None = None
+        creds = docker_credentials(registry) if credentials is True else (credentials or None)
+        self._has_creds = creds is not None
+        # Challenge answering (Basic, Bearer token fetch and refresh) is shared with the registry backend.
+        self._auth = RegistryAuth(auth=base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
+                                  if creds else None)
 
     def _url(self, path: str) -> str:
         return f"{self._scheme}://{self.registry}{path}"
 
-    async def _fetch_token(self, params: dict[str, str], repo: str) -> str:
-        realm = params.get("realm")
-        if not realm:
-            raise ConvertError(f"registry {self.registry}: Bearer challenge without a realm")
-        query = {"service": params.get("service", ""), "scope": params.get("scope") or
-                 f"repository:{repo}:pull,push", "client_id": "nydus-registry-client"}
-        headers = {}
-        if self._creds:
-            headers["Authorization"] = "Basic " + base64.b64encode(f"{self._creds[0]}:{self._creds[1]}".encode()
-                                                                     ).decode()
-        url = realm + ("&" if "?" in realm else "?") + urlencode({k: v for k, v in query.items() if v})
-        async with self._session.get(url, headers=headers, ssl=self._ssl()) as resp:
-            body = await resp.read()
-            if resp.status != 200:
-                raise ConvertError(f"registry {self.registry}: token request to {realm} failed: HTTP {resp.status} "
-                                   f"{_registry_error(body)}")
+    async def _fetch(self, method: str, url: str, headers, form) -> tuple[int, bytes]:
+        """The transport :class:`RegistryAuth` uses for token requests."""
         try:
-            doc = json.loads(body)
-            token = doc.get("token") or doc.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not token:
-            raise ConvertError(f"registry {self.registry}: token answer from {realm} holds no token")
-        return f"Bearer {token}"
+            async with self._session.request(method, url, headers=dict(headers), data=form,
+                                             ssl=self._ssl()) as resp:
+                return resp.status, await resp.read()
+        except aiohttp.ClientError as exc:
+            raise BackendError(f"token request to {url.split('?')[0]} failed: {exc}", retryable=True) from None
+
+    async def _header(self) -> str | None:
+        try:
+            return await self._auth.header(self._fetch)
+        except BackendError as exc:
+            raise ConvertError(f"registry {self.registry}: {exc}") from None
+
+    async def _answer(self, headers: Any, failed: str | None, what: str) -> str:
+        try:
+            return await self._auth.answer(headers.get("WWW-Authenticate"), self._fetch, failed_header=failed)
+        except BackendError as exc:
+            hint = "" if self._has_creds else " (no credentials for it in the docker config)"
+            raise ConvertError(f"registry {self.registry}: {what}: HTTP 401 unauthorized: {exc}{hint}") from None
 
     def _ssl(self) -> Any:
         if self._scheme == "https" and self._insecure:
@@ -236,10 +232,11 @@ class RegistryClient:
         A status outside ``ok`` + ``allow`` raises ConvertError naming ``what``.
         ``data_factory`` re-creates the body for a retry after 401.
         """
+        auth = await self._header()
         for attempt in range(2):
             hdrs = dict(headers or {})
-            if self._auth_header:
-                hdrs["Authorization"] = self._auth_header
+            if auth:
+                hdrs["Authorization"] = auth
             url = path if absolute else self._url(path)
             body_data = data_factory() if data_factory is not None else data
             try:
@@ -252,7 +249,7 @@ class RegistryClient:
                 raise ConvertError(f"registry {self.registry}: TLS certificate not trusted ({exc}); use "
                                    "--source-insecure/--target-insecure or --plain-http") from None
             except (aiohttp.ClientSSLError, aiohttp.ServerDisconnectedError) as exc:
-                if self._insecure and self._scheme == "https" and not absolute:
+                if self._insecure and self._scheme == "https" and not absolute and attempt == 0:
                     log.warning("registry %s: TLS failed (%s), falling back to plain HTTP (insecure)",
                                 self.registry, exc)
                     self._scheme = "http"
@@ -261,16 +258,10 @@ class RegistryClient:
             except aiohttp.ClientError as exc:
                 raise ConvertError(f"registry {self.registry}: {what}: {type(exc).__name__}: {exc}") from None
             if status == 401 and attempt == 0:
-                scheme, params = _parse_challenge(rheaders.get("WWW-Authenticate", ""))
-                if scheme == "basic" and self._creds:
-                    self._auth_header = "Basic " + base64.b64encode(
-                        f"{self._creds[0]}:{self._creds[1]}".encode()).decode()
-                    continue
-                if scheme == "bearer":
-                    self._auth_header = await self._fetch_token(params, repo)
-                    continue
-                raise ConvertError(f"registry {self.registry}: {what}: HTTP 401 unauthorized "
-                                   f"({'no credentials for it in the docker config' if not self._creds else 'credentials refused'})")
+                auth = await self._answer(rheaders, auth, what)
+                continue
+            if status == 401:
+                raise ConvertError(f"registry {self.registry}: {what}: HTTP 401 unauthorized (credentials refused)")
             if status not in ok and status not in allow:
                 raise ConvertError(f"registry {self.registry}: {what}: HTTP {status} {_registry_error(body)}")
             return status, rheaders, body
@@ -310,13 +301,14 @@ class RegistryClient:
                             ) -> int:
         """Stream blob ``digest`` into ``path``, checking its sha256; returns its size."""
         what = f"blob {digest}"
+        auth = await self._header()
         for attempt in range(2):
-            hdrs = {"Authorization": self._auth_header} if self._auth_header else {}
+            hdrs = {"Authorization": auth} if auth else {}
             try:
                 async with self._session.get(self._url(f"/v2/{repo}/blobs/{digest}"), headers=hdrs,
                                              ssl=self._ssl()) as resp:
                     if resp.status == 401 and attempt == 0:
-                        await self._answer(resp, repo, what)
+                        auth = await self._answer(resp.headers, auth, what)
                         continue
                     if resp.status != 200:
                         body = await resp.read()
@@ -337,15 +329,6 @@ class RegistryClient:
                 raise ConvertError(f"registry {self.registry}: {what}: downloaded data does not match its digest")
             return size
         raise ConvertError(f"registry {self.registry}: {what}: HTTP 401 unauthorized")
-
-    async def _answer(self, resp: aiohttp.ClientResponse, repo: str, what: str) -> None:
-        scheme, params = _parse_challenge(resp.headers.get("WWW-Authenticate", ""))
-        if scheme == "basic" and self._creds:
-            self._auth_header = "Basic " + base64.b64encode(f"{self._creds[0]}:{self._creds[1]}".encode()).decode()
-        elif scheme == "bearer":
-            self._auth_header = await self._fetch_token(params, repo)
-        else:
-            raise ConvertError(f"registry {self.registry}: {what}: HTTP 401 unauthorized")
 
     # -- push ------------------------------------------------------------------------------------------
 

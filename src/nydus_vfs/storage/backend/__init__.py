@@ -18,6 +18,7 @@ from ._events import backend_events as backend_events
 from .factory import create_backend as create_backend
 from .http_proxy import HttpProxyBackend as HttpProxyBackend
 from .oss import OssBackend as OssBackend
+from ._registry_auth import RegistryAuth as RegistryAuth
 from .registry import RegistryBackend as RegistryBackend
 from .s3 import S3Backend as S3Backend
 
@@ -30,6 +31,7 @@ __all__ = [
     "check_blob_id",
     "LocalfsBackend",
     "RegistryBackend",
+    "RegistryAuth",
     "OssBackend",
     "S3Backend",
     "HttpProxyBackend",
