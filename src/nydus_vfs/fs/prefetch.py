@@ -21,7 +21,8 @@ What is prefetched, in this order (nydus-surface.md §0 item 11, §2.2, §2.5):
    absolute paths; a directory means its whole subtree; a missing path is
    logged and skipped) when given, else the image's prefetch table (v5 inode
    numbers, v6 nids; rafs-format.md §1.9, §2.11: a v6 list holding only the
-   root means everything);
+   root means everything), else the blobs' readahead windows (v5 blob table,
+   ``--prefetch-policy blob``, rafs-format.md §1.6);
 2. with ``prefetch_all`` (true by default for a v1 ``fs_prefetch`` table),
    every other regular file of the image.
 
@@ -228,20 +229,27 @@ async def _plan(fs: RafsFs, files: Sequence[str] | None, prefetch_all: bool, blo
         if entry and entry[0]:
             await queue.put((index, entry[0]))
 
-    async def add_file(ino: int) -> None:
+    async def add_file(ino: int, windows: dict[int, tuple[int, int]] | None) -> None:
         try:
             chunks = fs.bootstrap.chunks(ino)
         except (FormatError, LookupError) as exc:
             report.errors += 1
             log.warning("%s: prefetch skips inode %d: %s", fs.source, ino, exc)
             return
-        report.inodes += 1
         if device.closed:
             return
+        counted = False
         for c in chunks:
             index = c.blob_index
             if index not in blobs:
                 continue
+            if windows is not None:
+                window = windows.get(index)
+                if window is None or not window[0] <= c.compressed_offset < window[1]:
+                    continue
+            if not counted:
+                report.inodes += 1
+                counted = True
             key = (index, c.uncompressed_offset, c.uncompressed_size)
             if key in seen_chunks:
                 continue
@@ -257,18 +265,19 @@ async def _plan(fs: RafsFs, files: Sequence[str] | None, prefetch_all: bool, blo
                 await flush(index)
 
     count = 0
-    for ino in _targets(fs, files, prefetch_all, report):
+    for ino, windows in _targets(fs, files, prefetch_all, report):
         if device.closed:
             return
-        if ino in seen_inodes:
-            continue
-        seen_inodes.add(ino)
+        if windows is None:
+            if ino in seen_inodes:
+                continue
+            seen_inodes.add(ino)
         try:
             mode = fs.attr(ino).mode
         except FsError:
             continue
         if stat.S_ISREG(mode):
-            await add_file(ino)
+            await add_file(ino, windows)
         count += 1
         if count % _YIELD_EVERY == 0:
             await asyncio.sleep(0)  # planning a big image must not starve foreground requests
@@ -279,8 +288,15 @@ async def _plan(fs: RafsFs, files: Sequence[str] | None, prefetch_all: bool, blo
 
 
 def _targets(fs: RafsFs, files: Sequence[str] | None, prefetch_all: bool,
-             report: PrefetchReport) -> Iterator[int]:
-    """Inode numbers to prefetch, in order; directories expand to their subtree."""
+             report: PrefetchReport) -> Iterator[tuple[int, dict[int, tuple[int, int]] | None]]:
+    """``(inode, windows)`` to prefetch, in order; directories expand to their subtree.
+
+    ``windows`` is None for "every chunk of the file", else ``{blob index:
+    (start, end)}``: only chunks whose compressed offset lies in their blob's
+    window (the v5 blob table's ``readahead_offset``/``readahead_size``, written
+    by ``--prefetch-policy blob``, used when neither files nor a prefetch
+    table name anything).
+    """
     if files:
         roots = []
         for path in files:
@@ -293,9 +309,17 @@ def _targets(fs: RafsFs, files: Sequence[str] | None, prefetch_all: bool,
     else:
         roots = list(fs.bootstrap.prefetch_inodes)
     for ino in roots:
-        yield from _subtree(fs, ino)
+        for child in _subtree(fs, ino):
+            yield child, None
+    if not files and not roots:
+        windows = {b.index: (b.readahead_offset, b.readahead_offset + b.readahead_size)
+                   for b in fs.bootstrap.blobs if b.readahead_size > 0}
+        if windows:
+            for child in _subtree(fs, fs.root_ino):
+                yield child, windows
     if prefetch_all:
-        yield from _subtree(fs, fs.root_ino)
+        for child in _subtree(fs, fs.root_ino):
+            yield child, None
 
 
 def _subtree(fs: RafsFs, ino: int) -> Iterator[int]:

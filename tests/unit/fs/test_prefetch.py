@@ -295,3 +295,22 @@ def test_prefetch_config_follows_nydusd_v1_and_v2_rules():
                      '"rafs": {"mode": "direct"}}')
     p = prefetch_config(v2)
     assert (p.enable, p.threads, p.prefetch_all) == (True, 2, True)
+
+
+def test_blob_policy_readahead_window_is_prefetched_when_there_is_no_table(tmp_path):
+    src = tmp_path / "src"
+    files = _tree(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = build(str(src), BuildOptions(fs_version=5, chunk_size=CHUNK, prefetch_policy="blob",
+                                     prefetch_patterns=parse_prefetch_patterns(["/hot"]),
+                                     bootstrap=str(out / "boot"), blob_dir=str(out)))
+    image = {"boot": str(out / "boot"), "blobs": {b: (out / b).read_bytes() for b in r.blobs},
+             "files": files, "src": src, "tmp": tmp_path}
+    fs, backend = _open(image)
+    assert fs.bootstrap.prefetch_inodes == [] and fs.bootstrap.blobs[0].readahead_size > 0
+    report = asyncio.run(prefetch_rafs(fs, None, cfg()))
+    assert report.fetched_chunks == 10
+    assert _cached(fs, "/hot/a") and _cached(fs, "/hot/sub/b") and _cached(fs, "/hot/small")
+    assert not _cached(fs, "/cold/c")
+    fs.close()
