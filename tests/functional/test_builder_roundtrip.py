@@ -65,7 +65,7 @@ def test_directory_image_reads_back_identical(tmp_path, rich, rich_snapshot, ver
 
 
 def test_v6_none_blob_is_the_uncompressed_aligned_image(tmp_path, rich):
-    """Chunk data sits at its uncompressed offset, so the blob is an erofs device as is (§2.14)."""
+    """Chunk data sits at its uncompressed offset, so the blob is an erofs device as is (rafs-format.md §2.14)."""
     r = build(str(rich), BuildOptions(compressor=Compressor.NONE, bootstrap=str(tmp_path / "boot"),
                                       blob_dir=str(tmp_path), chunk_size=0x10000))
     bs = Bootstrap.from_bytes((tmp_path / "boot").read_bytes())
@@ -129,7 +129,7 @@ def test_inline_meta_blob_is_self_contained(tmp_path, rich, rich_snapshot, versi
 
 
 def test_blob_toc_blob_id_excludes_digest_array(tmp_path, rich):
-    """§3.8: with blob-toc the id hashes everything but the ``blob.digest`` payload."""
+    """rafs-format.md §3.8: with blob-toc the id hashes everything but the ``blob.digest`` payload."""
     r = build(str(rich), BuildOptions(blob_toc=True, bootstrap=str(tmp_path / "boot"), blob_dir=str(tmp_path)))
     data = (tmp_path / r.blob_id).read_bytes()
     bs = Bootstrap.from_bytes((tmp_path / "boot").read_bytes())

@@ -291,7 +291,7 @@ def test_prepared_chains_republish_and_reap(fe):
 
 
 def test_harness_detects_double_completion(fe):
-    """virtiofsd completes a head twice if the guest republishes it in flight (§6.1)."""
+    """virtiofsd completes a head twice if the guest republishes it in flight (vhost-user-fs.md §6.1)."""
     fs = FuseSession(fe)
     fs.init()
     q = fe.queue(1)

@@ -1,8 +1,8 @@
 """A hostile guest and a misbehaving front-end against ``transport.virtiofs`` + the C shim.
 
 One test per threat of ``vhost-user-fs.md`` §6.1 (rings), §6.2 (FUSE messages)
-and §6.4 (socket hygiene).  Hostile descriptors are written with the harness's
-raw ring mode and published *before* the kick (§5.3).  Pass criteria (§5.3):
+and vhost-user-fs.md §6.4 (socket hygiene).  Hostile descriptors are written with the harness's
+raw ring mode and published *before* the kick (vhost-user-fs.md §5.3).  Pass criteria (§5.3):
 the back-end survives, the vhost-user socket keeps answering, a ring violation
 marks only that queue broken (reason logged once, err eventfd signalled) while
 the other queues keep working, and the broken queue serves again after the
@@ -144,7 +144,7 @@ def guest(backend):
         g.close()
 
 
-# =========================================================================== §6.1 rings
+# =========================================================================== vhost-user-fs.md §6.1 rings
 
 def test_descriptor_address_outside_every_region(guest, caplog):
     guest.chain([(OUTSIDE, 56, 0), (guest.out(120), 120, WRITE)])
@@ -249,7 +249,7 @@ def test_indirect_descriptor_without_the_feature(backend, caplog):
 
 
 def test_zero_length_descriptors_are_skipped(guest):
-    """Tolerated (§6.1 allows skip or reject): the request itself is served."""
+    """Tolerated (vhost-user-fs.md §6.1 allows skip or reject): the request itself is served."""
     body = guest.getattr_bytes(HELLO_ID)
     out = guest.out(120)
     head = guest.chain([(guest.data(body[:40]), 40, 0), (guest.data(b"x"), 0, 0), (guest.data(body[40:]), 16, 0),
@@ -457,7 +457,7 @@ def test_memory_table_with_bad_regions_is_refused_and_the_old_one_kept(backend, 
         assert fs.getattr(HELLO_ID).attr.size == len(HELLO)
 
 
-# =========================================================================== §6.2 FUSE messages
+# =========================================================================== vhost-user-fs.md §6.2 FUSE messages
 
 def _submit(guest: Guest, readable: list[bytes], writable: list[int]):
     head = guest.q.submit(readable, writable)
@@ -577,7 +577,7 @@ def test_guest_that_never_forgets_hits_the_nodeid_cap(tmp_path):
         be.stop()
 
 
-# =========================================================================== §6.4 socket hygiene
+# =========================================================================== vhost-user-fs.md §6.4 socket hygiene
 
 def _expect_dropped(be: Backend, fe: Frontend, count: int = 1) -> None:
     with pytest.raises(BackendClosed):

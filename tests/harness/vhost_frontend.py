@@ -1456,7 +1456,7 @@ class Frontend:
 
     # -- QEMU 7.2 sequences
     def negotiate(self) -> None:
-        """Device realize (block A of §1.2), in QEMU 7.2's order.
+        """Device realize (block A of vhost-user-fs.md §1.2), in QEMU 7.2's order.
 
         Raises :class:`NegotiationError` after sending what QEMU sends when the
         offer is one QEMU refuses (no PROTOCOL_FEATURES, no VERSION_1, too few
@@ -1506,7 +1506,7 @@ class Frontend:
     def start_queues(self, *, bases: dict[int, int] | None = None, reset: bool = False,
                      sizes: dict[int, int] | None = None, kick_nofd: bool = False,
                      call_nofd: bool = False) -> None:
-        """Driver OK / resume (block B of §1.2).
+        """Driver OK / resume (block B of vhost-user-fs.md §1.2).
 
         First start: fresh rings at base 0 (or ``bases``).  After
         :meth:`stop_queues`: the same rings resume at the base each

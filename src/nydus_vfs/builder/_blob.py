@@ -1,4 +1,4 @@
-"""Writing one native data blob (reference §3.1, §3.3, §3.6-§3.8, §4.1).
+"""Writing one native data blob (rafs-format.md §3.1, §3.3, §3.6-§3.8, §4.1).
 
 A blob is written strictly front to back (so it may go to a pipe-like temp
 file and be renamed at the end) in this order::
@@ -12,14 +12,14 @@ file and be renamed at the end) in this order::
     [ToC | hdr(rafs.blob.toc)]                     blob-toc
 
 The blob id is sha256 over every byte written except the ``blob.digest``
-payload (§3.8); :class:`BlobWriter` hashes as it writes.
+payload (rafs-format.md §3.8); :class:`BlobWriter` hashes as it writes.
 
 Chunk placement: compressed chunks are packed back to back.  Uncompressed
 offsets are cumulative (v5) or 4 KiB aligned (v6, ``--aligned-chunk``).  With
 ``identity_layout`` (v6 and compressor ``none``) each chunk is written *at*
 its uncompressed offset and the data area is padded to the uncompressed size,
 so ``blob[0:uncompressed_size]`` is exactly the uncompressed 4 KiB-aligned
-image that the kernel's erofs driver reads as an extra device (§2.14).
+image that the kernel's erofs driver reads as an extra device (rafs-format.md §2.14).
 
 Chunk data (the bulk of a blob) goes through a :class:`_Stager`: it is copied
 into a few large buffers that two helper threads hash and write, in order,
@@ -45,7 +45,7 @@ from ..utils import compress as _compress
 
 __all__ = ["BlobWriter", "PLACEHOLDER_BLOB_ID", "MAX_CHUNKS_PER_BLOB"]
 
-#: Id written into a bootstrap that is itself inside the blob (§3.8): readers
+#: Id written into a bootstrap that is itself inside the blob (rafs-format.md §3.8): readers
 #: replace it with the blob's real name.
 PLACEHOLDER_BLOB_ID = "x" * 64
 #: ``alloc_chunk_index`` refuses index >= 0xFF_FFFF (24-bit ci index in v6).
@@ -273,7 +273,7 @@ class BlobWriter:
         if tar_headers:
             self._tar_header("image.blob", self.data_size)
             if self.blob_toc:
-                # The digest covers the data *and* its tar header (§3.7).
+                # The digest covers the data *and* its tar header (rafs-format.md §3.7).
                 self._toc.append(self._toc_entry("image.blob", Compressor.NONE, self._hash.digest(), 0,
                                                  self.data_size, self.uncompressed_size))
         if self.fs_version == 6 and self._digests:
@@ -334,7 +334,7 @@ class BlobWriter:
                                              self.bootstrap_offset, len(stored), len(bootstrap)))
 
     def finish(self) -> str:
-        """Write the ToC (blob-toc), flush, and return the blob id (sha256 hex, §3.8)."""
+        """Write the ToC (blob-toc), flush, and return the blob id (sha256 hex, rafs-format.md §3.8)."""
         if not self._sealed:
             self.seal()
         self._stager.drain()

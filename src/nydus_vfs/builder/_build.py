@@ -63,7 +63,7 @@ DEFAULT_CHUNK_SIZE = 0x100000
 
 
 def validate_chunk_size(value: int) -> int:
-    """A chunk size must be a power of two in 4 KiB..16 MiB (§0.6)."""
+    """A chunk size must be a power of two in 4 KiB..16 MiB (rafs-format.md §0.6)."""
     if value < 0x1000 or value > 0x1000000 or value & (value - 1):
         raise BuildError(f"invalid chunk size {value:#x}: must be a power of two between 0x1000 and 0x1000000")
     return value

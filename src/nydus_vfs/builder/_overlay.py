@@ -1,4 +1,4 @@
-"""Applying an upper layer onto a lower tree (reference §5, ``Tree::merge_children``).
+"""Applying an upper layer onto a lower tree (rafs-format.md §5, ``Tree::merge_children``).
 
 Whiteout markers are recognised only in the *upper* layer:
 

@@ -43,7 +43,7 @@ NAME_MAX = 255
 #: Longest path we accept from a source (Linux ``PATH_MAX``).
 PATH_MAX = 4096
 
-# Namespaces both RAFS versions can store (reference §1.8 / §2.10); anything
+# Namespaces both RAFS versions can store (rafs-format.md §1.8 / §2.10); anything
 # else (macOS tars carry bare names such as ``dir``) cannot be represented.
 _XATTR_PREFIXES = (b"user.", b"security.", b"trusted.")
 _XATTR_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
@@ -231,7 +231,7 @@ class Indexed(NamedTuple):
 
 
 def index_order(root: Node) -> list[Indexed]:
-    """Nodes in RAFS index order (reference §1.3); entry ``i`` has index ``i + 1``.
+    """Nodes in RAFS index order (rafs-format.md §1.3); entry ``i`` has index ``i + 1``.
 
     The root is first.  Processing a directory allocates its whole sibling
     group consecutively in name order; then every child directory is processed

@@ -1,4 +1,4 @@
-"""Lay a tree out as a RAFS v5 bootstrap (reference §1, recipe §7.3).
+"""Lay a tree out as a RAFS v5 bootstrap (rafs-format.md §1, recipe §7.3).
 
 Layout written::
 
@@ -12,7 +12,7 @@ Layout written::
 Records are contiguous and in index order so cached mode (which reads them
 sequentially from ``table[0]``) works.  Every name gets its own record; the
 records of one hardlinked file share ``i_ino`` (the index of its first name)
-and ``i_nlink``.  Inode digests are computed bottom-up (§0.2).
+and ``i_nlink``.  Inode digests are computed bottom-up (rafs-format.md §0.2).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _xattr_bytes(xattrs: dict[bytes, bytes]) -> int:
 
 
 def _digests(order: list[Indexed], digester: int) -> dict[int, bytes]:
-    """``i_digest`` per node id, computed children first (§0.2)."""
+    """``i_digest`` per node id, computed children first (rafs-format.md §0.2)."""
     out: dict[int, bytes] = {}
     empty = _digest(digester, b"")
     for entry in reversed(order):

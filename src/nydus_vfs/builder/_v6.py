@@ -1,4 +1,4 @@
-"""Lay a tree out as a RAFS v6 (EROFS-compatible) bootstrap (reference §2, recipe §7.2).
+"""Lay a tree out as a RAFS v6 (EROFS-compatible) bootstrap (rafs-format.md §2, recipe §7.2).
 
 Strategy
 --------
@@ -46,7 +46,7 @@ __all__ = ["build_v6_bootstrap", "BLOCK_SIZE", "v6_dir_entries"]
 BLOCK_SIZE = 4096
 _INODE_SIZE = 64
 _SLOT = 32
-#: Device ``mapped_blkaddr`` alignment (512 KiB, §2.4).
+#: Device ``mapped_blkaddr`` alignment (512 KiB, rafs-format.md §2.4).
 _SEG_ALIGN = 0x8_0000
 _MAX_BLOBS = 254
 

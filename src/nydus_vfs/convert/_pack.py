@@ -61,7 +61,7 @@ _COPY = 1 << 20
 @dataclass
 class PackResult:
     """What :func:`pack` produced: the layer's OCI ``digest`` (sha256 of the whole
-    file), its ``size``, and the builder's ``blob_id`` (§3.8, not the digest)."""
+    file), its ``size``, and the builder's ``blob_id`` (rafs-format.md §3.8, not the digest)."""
 
     digest: str
     size: int

@@ -53,9 +53,9 @@ LAYER_ANNOTATION_NYDUS_REFERENCE_BLOB_IDS = "containerd.io/snapshot/nydus-refere
 LAYER_ANNOTATION_UNCOMPRESSED = "containerd.io/uncompressed"
 #: nydus-surface.md §5.4 (set on blob layers of encrypted images; this builder never encrypts).
 LAYER_ANNOTATION_NYDUS_ENCRYPTED_BLOB = "containerd.io/snapshot/nydus-encrypted-blob"
-#: ``artifactType`` of a nydus manifest in a merged (``--merge-platform``) index (§5.4).
+#: ``artifactType`` of a nydus manifest in a merged (``--merge-platform``) index (nydus-surface.md §5.4).
 MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT = "application/vnd.nydus.image.manifest.v1+json"
-#: Config media type of the nydus manifest in a merged index (§5.4).
+#: Config media type of the nydus manifest in a merged index (nydus-surface.md §5.4).
 MEDIA_TYPE_NYDUS_CONFIG = "application/vnd.nydus.image.config.v1+json"
 
 

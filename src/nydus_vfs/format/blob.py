@@ -80,7 +80,7 @@ def _check_features(features: int, structure: str, field: str) -> None:
 
 
 class BlobCompressionContextHeader(OnDisk):
-    """The 4096-byte ci header that follows the (compressed) ci array (§3.3)."""
+    """The 4096-byte ci header that follows the (compressed) ci array (rafs-format.md §3.3)."""
 
     _LAYOUT = (
         ("s_magic", "I"),
@@ -325,7 +325,7 @@ class BlobChunkInfoV2(_CiEntry):
 
 
 class ZranContext(OnDisk):
-    """A gzip random-access context (40 bytes, §3.5)."""
+    """A gzip random-access context (40 bytes, rafs-format.md §3.5)."""
 
     _LAYOUT = (
         ("in_offset", "Q"),
@@ -350,7 +350,7 @@ class ZranContext(OnDisk):
 
 
 class BatchContext(OnDisk):
-    """A batch context (40 bytes, §3.4): sizes of one compressed batch."""
+    """A batch context (40 bytes, rafs-format.md §3.4): sizes of one compressed batch."""
 
     _LAYOUT = (("compressed_size", "I"), ("uncompressed_batch_size", "I"), ("reserved", "32s"))
     __slots__ = layout_slots(_LAYOUT)
@@ -363,7 +363,7 @@ def decode_ci_entries(buf: Any, count: int, v2: bool, offset: int = 0) -> list[U
 
 
 def split_blob_meta_file(buf: Any) -> tuple[BlobCompressionContextHeader, memoryview]:
-    """Split a ``<blob_id>.blob.meta`` file (§3.9) into its header and ci area.
+    """Split a ``<blob_id>.blob.meta`` file (rafs-format.md §3.9) into its header and ci area.
 
     The header is the last 4096 bytes; the ci area is the first
     ``s_ci_uncompressed_size`` bytes, which must end before the header.
@@ -380,7 +380,7 @@ def split_blob_meta_file(buf: Any) -> tuple[BlobCompressionContextHeader, memory
 
 
 class TocEntry(OnDisk):
-    """One ``rafs.blob.toc`` entry (128 bytes, §3.7).
+    """One ``rafs.blob.toc`` entry (128 bytes, rafs-format.md §3.7).
 
     Bytes 124..127 (end of ``reserved2``) may hold garbage from older builders;
     they are kept for a byte-exact round trip and otherwise ignored.
@@ -474,7 +474,7 @@ def _octal(raw: bytes, structure: str, field: str) -> int:
 
 
 class TarHeader(OnDisk):
-    """A 512-byte GNU tar header as Nydus writes it *after* each section (§4.1)."""
+    """A 512-byte GNU tar header as Nydus writes it *after* each section (rafs-format.md §4.1)."""
 
     _LAYOUT = (
         ("name", "100s"),

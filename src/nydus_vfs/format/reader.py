@@ -219,7 +219,7 @@ class Bootstrap(abc.ABC):
     (``list[BlobInfo]``), ``prefetch_inodes`` (inode numbers, up to the first 0),
     ``block_size`` (EROFS block size for v6; 4096 for v5, the ``st_blksize``
     nydusd reports), ``is_tarfs`` and ``inlined`` (True when the bootstrap was
-    extracted from a data blob with inlined meta, §7.1 step 3).
+    extracted from a data blob with inlined meta, rafs-format.md §7.1 step 3).
 
     Callers should check an inode's type before ``readlink``/``chunks``/
     ``children``: asking a file for its children yields nothing, asking a
@@ -256,7 +256,7 @@ class Bootstrap(abc.ABC):
 
     @classmethod
     def from_bytes(cls, data: Any) -> "Bootstrap":
-        """Detect the version (§7.1) and load; raises FormatError with the reason.
+        """Detect the version (rafs-format.md §7.1) and load; raises FormatError with the reason.
 
         Order: v5 magic and version at 0; else EROFS magic at 1024 (a v6 file
         shorter than 8 KiB is refused like nydusd, which probes v5 by reading 8
@@ -333,7 +333,7 @@ class Bootstrap(abc.ABC):
     # ------------------------------------------------------------- blob ids
 
     def replace_blob_ids(self, mapping: Mapping[int, str]) -> None:
-        """Set the id of blob ``index`` to ``mapping[index]`` (inlined-meta placeholders, §3.8)."""
+        """Set the id of blob ``index`` to ``mapping[index]`` (inlined-meta placeholders, rafs-format.md §3.8)."""
         for index, blob_id in mapping.items():
             if not 0 <= index < len(self.blobs):
                 raise FormatError("Bootstrap", "blob_index", index, f"image has {len(self.blobs)} blob(s)")
@@ -501,7 +501,7 @@ class Bootstrap(abc.ABC):
 
 
 class BootstrapV5(Bootstrap):
-    """A RAFS v5 bootstrap (§1).  Use :meth:`Bootstrap.from_bytes`."""
+    """A RAFS v5 bootstrap (rafs-format.md §1).  Use :meth:`Bootstrap.from_bytes`."""
 
     def __init__(self, buf: Any) -> None:
         super().__init__(buf)
@@ -701,7 +701,7 @@ class BootstrapV5(Bootstrap):
 
 
 class BootstrapV6(Bootstrap):
-    """A RAFS v6 bootstrap (§2).  Use :meth:`Bootstrap.from_bytes`."""
+    """A RAFS v6 bootstrap (rafs-format.md §2).  Use :meth:`Bootstrap.from_bytes`."""
 
     def __init__(self, buf: Any) -> None:
         super().__init__(buf)

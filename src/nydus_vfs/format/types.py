@@ -108,7 +108,7 @@ class SuperFlags(enum.IntFlag):
 
 
 class BlobFeatures(enum.IntFlag):
-    """``BlobFeatures`` (u32), reference §3.2."""
+    """``BlobFeatures`` (u32), rafs-format.md §3.2."""
 
     ALIGNED = 0x1
     INLINED_FS_META = 0x2
@@ -129,7 +129,7 @@ class BlobFeatures(enum.IntFlag):
 
 
 class ChunkFlags(enum.IntFlag):
-    """``BlobChunkFlags`` of a v5/v6 chunk record (reference §1.5)."""
+    """``BlobChunkFlags`` of a v5/v6 chunk record (rafs-format.md §1.5)."""
 
     COMPRESSED = 0x1
     HOLECHUNK = 0x2
@@ -182,7 +182,7 @@ class BlobInfo:
     features from the extended blob table when present (else 0 and
     ``V5_NO_EXT_BLOB_TABLE``).  For v6 everything comes from the ``RafsV6Blob``
     entry.  ``blob_id`` may be replaced after loading (inlined-meta images carry a
-    placeholder id; see reference §3.8) with :meth:`with_blob_id`.
+    placeholder id; see rafs-format.md §3.8) with :meth:`with_blob_id`.
     """
 
     index: int

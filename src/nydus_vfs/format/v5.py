@@ -101,7 +101,7 @@ def _overlaps(a_off: int, a_size: int, b_off: int, b_size: int) -> bool:
 
 
 class RafsV5SuperBlock(OnDisk):
-    """The 8192-byte v5 superblock at offset 0 (§1.2)."""
+    """The 8192-byte v5 superblock at offset 0 (rafs-format.md §1.2)."""
 
     _LAYOUT = (
         ("s_magic", "I"),
@@ -216,7 +216,7 @@ class _U32Table(EntryList):
 
 
 class RafsV5InodeTable(_U32Table):
-    """``table[idx-1] = record_offset >> 3`` for inode index ``idx`` (§1.3)."""
+    """``table[idx-1] = record_offset >> 3`` for inode index ``idx`` (rafs-format.md §1.3)."""
 
     __slots__ = ()
     NAME = "RafsV5InodeTable"
@@ -239,7 +239,7 @@ class RafsV5InodeTable(_U32Table):
 
 
 class RafsV5PrefetchTable(_U32Table):
-    """Inode numbers (``i_ino``) to prefetch; the loader stops at the first 0 (§1.9)."""
+    """Inode numbers (``i_ino``) to prefetch; the loader stops at the first 0 (rafs-format.md §1.9)."""
 
     __slots__ = ()
     NAME = "RafsV5PrefetchTable"
@@ -277,7 +277,7 @@ class RafsV5BlobEntry:
 
 
 class RafsV5BlobTable(EntryList):
-    """The variable-size v5 blob table (§1.6): entries separated by NUL, padded to 8."""
+    """The variable-size v5 blob table (rafs-format.md §1.6): entries separated by NUL, padded to 8."""
 
     __slots__ = ()
     NAME = "RafsV5BlobTable"
@@ -323,7 +323,7 @@ class RafsV5BlobTable(EntryList):
 
 
 class RafsV5ExtBlobEntry(OnDisk):
-    """Extended blob table entry, 64 bytes, same order as the blob table (§1.7)."""
+    """Extended blob table entry, 64 bytes, same order as the blob table (rafs-format.md §1.7)."""
 
     _LAYOUT = (
         ("chunk_count", "I"),
@@ -356,7 +356,7 @@ class RafsV5ExtBlobTable(EntryList):
 
 
 class RafsV5Inode(OnDisk):
-    """The fixed 128-byte part of a v5 inode record (§1.4)."""
+    """The fixed 128-byte part of a v5 inode record (rafs-format.md §1.4)."""
 
     _LAYOUT = (
         ("i_digest", "32s"),
@@ -404,7 +404,7 @@ class RafsV5Inode(OnDisk):
         return self.SIZE + align8(self.i_name_size) + align8(self.i_symlink_size)
 
     def validate(self, max_ino: int) -> None:
-        """Loader checks (§1.4); ``max_ino`` is ``s_inode_table_entries``."""
+        """Loader checks (rafs-format.md §1.4); ``max_ino`` is ``s_inode_table_entries``."""
         n = self.NAME
         if self.i_ino == 0 or self.i_ino > max_ino:
             raise FormatError(n, "i_ino", self.i_ino, f"inode number must be in 1..{max_ino}")
@@ -433,7 +433,7 @@ _VALID_TYPES = frozenset({stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR
 
 
 class RafsV5ChunkInfo(OnDisk):
-    """An 80-byte chunk record (§1.5); also the v6 chunk table entry (§2.12)."""
+    """An 80-byte chunk record (rafs-format.md §1.5); also the v6 chunk table entry (§2.12)."""
 
     _LAYOUT = (
         ("block_id", "32s"),
@@ -485,7 +485,7 @@ class RafsV5ChunkInfo(OnDisk):
 
 
 class RafsV5Xattrs(XattrPairs):
-    """The v5 xattr block (§1.8): ``u64 total`` then ``u32 size, key NUL value`` pairs.
+    """The v5 xattr block (rafs-format.md §1.8): ``u64 total`` then ``u32 size, key NUL value`` pairs.
 
     ``pairs`` keeps the on-disk order (HashMap order upstream: random per build).
     """

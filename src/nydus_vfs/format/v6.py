@@ -119,7 +119,7 @@ def chunk_format(chunk_size: int, blkszbits: int = 12) -> int:
 
 
 class RafsV6SuperBlock(OnDisk):
-    """The EROFS superblock at absolute offset 1024 (128 bytes, §2.2).
+    """The EROFS superblock at absolute offset 1024 (128 bytes, rafs-format.md §2.2).
 
     ``from_bytes(buf, EROFS_SUPER_OFFSET)`` decodes it from a whole bootstrap.
     """
@@ -166,7 +166,7 @@ class RafsV6SuperBlock(OnDisk):
         return _BLOCK_BITS.get(self.s_blkszbits, 4096)
 
     def validate(self, meta_size: int) -> None:
-        """The loader's (strict) checks for a bootstrap of ``meta_size`` bytes (§2.2, trap 7)."""
+        """The loader's (strict) checks for a bootstrap of ``meta_size`` bytes (rafs-format.md §2.2, trap 7)."""
         n = self.NAME
         if self.s_magic != EROFS_SUPER_MAGIC_V1:
             raise FormatError(n, "s_magic", self.s_magic, f"expected {EROFS_SUPER_MAGIC_V1:#x}")
@@ -208,7 +208,7 @@ def _count_bits(value: int) -> int:
 
 
 class RafsV6SuperBlockExt(OnDisk):
-    """The Nydus extended superblock at absolute offset 1152 (256 bytes, §2.3)."""
+    """The Nydus extended superblock at absolute offset 1152 (256 bytes, rafs-format.md §2.3)."""
 
     _LAYOUT = (
         ("s_flags", "Q"),
@@ -269,7 +269,7 @@ def _intersects(a: tuple[int, int], b: tuple[int, int]) -> bool:
 
 
 class RafsV6Device(OnDisk):
-    """An EROFS device slot (128 bytes, §2.4): one per blob, device id = index + 1."""
+    """An EROFS device slot (128 bytes, rafs-format.md §2.4): one per blob, device id = index + 1."""
 
     _LAYOUT = (
         ("blob_id", "64s"),
@@ -290,7 +290,7 @@ class RafsV6Device(OnDisk):
 
 
 class RafsV6Blob(OnDisk):
-    """A v6 blob table entry (256 bytes, §2.5)."""
+    """A v6 blob table entry (256 bytes, rafs-format.md §2.5)."""
 
     _LAYOUT = (
         ("blob_id", "64s"),
@@ -504,7 +504,7 @@ class RafsV6Dirent(OnDisk):
 
 
 class RafsV6DirentBlock(EntryList):
-    """One directory block: all dirents, then all names without separators (§2.7).
+    """One directory block: all dirents, then all names without separators (rafs-format.md §2.7).
 
     ``entries`` is a list of ``(name, nid, file_type)`` in on-disk order.  The
     number of entries is ``dirent[0].nameoff / 12``; a name ends at the next
@@ -628,7 +628,7 @@ class RafsV6DirentBlock(EntryList):
 
 
 class RafsV6InodeChunkAddr(OnDisk):
-    """A chunk index of a chunk-based inode (8 bytes, §2.8, trap 2).
+    """A chunk index of a chunk-based inode (8 bytes, rafs-format.md §2.8, trap 2).
 
     ``c_blob_addr_hi`` low byte = blob index + 1 (the EROFS device id), high byte
     = bits 16..23 of the ci index; ``c_blob_addr_lo`` = ci index bits 0..15;
@@ -679,7 +679,7 @@ class RafsV6InodeChunkAddr(OnDisk):
 
 
 class RafsV6Xattrs(XattrPairs):
-    """Inline xattrs of a v6 inode (§2.10).
+    """Inline xattrs of a v6 inode (rafs-format.md §2.10).
 
     A 12-byte ``erofs_xattr_ibody_header`` (shared count must be 0), then
     entries ``u8 e_name_len, u8 e_name_index, u16 e_value_size, suffix, value``
@@ -772,7 +772,7 @@ class RafsV6Xattrs(XattrPairs):
 
 
 class RafsV6PrefetchTable(RafsV5PrefetchTable):
-    """``u32`` nids at ``s_prefetch_table_offset`` (§2.11); not padded on disk."""
+    """``u32`` nids at ``s_prefetch_table_offset`` (rafs-format.md §2.11); not padded on disk."""
 
     __slots__ = ()
     NAME = "RafsV6PrefetchTable"

@@ -51,7 +51,7 @@ Every reply fits ``out_capacity``: READ, READDIR(PLUS), GETXATTR and
 LISTXATTR sizes are capped to it, and a fixed-size reply that does not fit is
 replaced by a header-only EINVAL.
 
-Naming decisions (reference §6.3): an empty name, a name with '/', ".", ".."
+Naming decisions (vhost-user-fs.md §6.3): an empty name, a name with '/', ".", ".."
 or a name whose NUL is missing or not last gets EINVAL; more than 255 bytes
 gets ENAMETOOLONG.
 
@@ -132,7 +132,7 @@ _CONGESTION_THRESHOLD = 192
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 
 # Flags we may grant; each only if the kernel offered it.  Deliberately absent
-# (reference §3.3): WRITEBACK_CACHE, HANDLE_KILLPRIV(_V2), POSIX_ACL,
+# (vhost-user-fs.md §3.3): WRITEBACK_CACHE, HANDLE_KILLPRIV(_V2), POSIX_ACL,
 # EXPORT_SUPPORT (would bring "."/".." lookups), lock flags, SUBMOUNTS, DAX.
 _F = abi.InitFlags
 _WANTED_FLAGS = (_F.ASYNC_READ | _F.PARALLEL_DIROPS | _F.MAX_PAGES | _F.CACHE_SYMLINKS
@@ -458,7 +458,7 @@ class FuseServer:
         return split
 
     def _name(self, buf, start: int, end: int) -> bytes:
-        """A file name argument: exactly name + NUL, validated per reference §6.3."""
+        """A file name argument: exactly name + NUL, validated per vhost-user-fs.md §6.3."""
         raw = buf[start:end]
         if type(raw) is not bytes:
             raw = bytes(raw)

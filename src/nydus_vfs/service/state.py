@@ -71,7 +71,7 @@ class DaemonAction(enum.Enum):
 
 S, E, A = DaemonState, DaemonEvent, DaemonAction
 
-#: The whole lifecycle (reference §1.7): ``(state, event) -> (next state, action)``,
+#: The whole lifecycle (nydus-surface.md §1.7): ``(state, event) -> (next state, action)``,
 #: the action being None where the transition has no side effect.  Note
 #: ``RUNNING --Stop--> READY``: a signal or ``exit`` takes two events to reach
 #: STOPPED, the first stopping the workers, the second unmounting (Stop) or not (Exit).

@@ -49,7 +49,7 @@ _limiter = LogLimiter(log)
 _lseek = os.lseek
 _SEEK_END = os.SEEK_END
 
-# RAFS v6 caps a blob's uncompressed size at 2^44 (reference §2.5).
+# RAFS v6 caps a blob's uncompressed size at 2^44 (rafs-format.md §2.5).
 _MAX_DATA_SIZE = 1 << 44
 
 #: Accepted ``cache.type`` values (nydusd rejects anything else, ``dummy`` included).

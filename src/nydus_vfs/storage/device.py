@@ -66,11 +66,11 @@ __all__ = [
 
 log = logging.getLogger("nydus_vfs.storage")
 
-#: Largest chunk RAFS allows (reference §0.6).
+#: Largest chunk RAFS allows (rafs-format.md §0.6).
 MAX_CHUNK_SIZE = 16 << 20
 #: ``ChunkInfo.blob_index`` of a hole: no blob, reads as zeros.
 HOLE_BLOB_INDEX = -1
-# A chunk's uncompressed end must stay below this (v6 blob limit 2^44, §2.5).
+# A chunk's uncompressed end must stay below this (v6 blob limit 2^44, rafs-format.md §2.5).
 _MAX_UNCOMPRESSED_END = 1 << 44
 # Headroom over MAX_CHUNK_SIZE for compressed sizes (incompressible data is
 # stored raw, so this only matters for hostile metadata).

@@ -19,7 +19,7 @@ from ..fuse.abi import Opcode
 
 __all__ = ["FuseRequestFactory", "LINUX_6_1_INIT_FLAGS", "LINUX_6_1_INIT_FLAGS2"]
 
-#: What Linux 6.1 virtiofs offers in FUSE_INIT (reference §3.2).
+#: What Linux 6.1 virtiofs offers in FUSE_INIT (vhost-user-fs.md §3.2).
 LINUX_6_1_INIT_FLAGS = 0x7BFFFFFB
 LINUX_6_1_INIT_FLAGS2 = 0xB
 

@@ -12,7 +12,7 @@ queue's kick eventfd with ``loop.add_reader`` and calls into the shim:
                        server.handle() each request; push each reply;
                        Device.notify() once per batch (EVENT_IDX aware)
 
-Order of events for one front-end (QEMU 7.2, reference §1.2): negotiation,
+Order of events for one front-end (QEMU 7.2, vhost-user-fs.md §1.2): negotiation,
 then per start SET_VRING_* and SET_VRING_KICK (the queue becomes *running* and
 its kick fd is watched; anything already on the ring is served at once), then
 traffic, then SET_VRING_ENABLE 0 + GET_VRING_BASE per queue.  The shim defers

@@ -39,7 +39,7 @@ MAX_DECOMPRESSED_SIZE = 1 << 30
 
 ZSTD_LEVEL = 3
 
-# ``format.types.Compressor`` values (reference §0.1).
+# ``format.types.Compressor`` values (rafs-format.md §0.1).
 _NONE, _LZ4_BLOCK, _GZIP, _ZSTD = 0, 1, 2, 3
 _NAMES = {_NONE: "none", _LZ4_BLOCK: "lz4_block", _GZIP: "gzip", _ZSTD: "zstd"}
 

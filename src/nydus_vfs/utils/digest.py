@@ -39,7 +39,7 @@ __all__ = [
 #: Every RAFS digest is 32 raw bytes.
 DIGEST_SIZE = 32
 
-# ``format.types.Digester`` values (reference §0.1: blake3 is 0).
+# ``format.types.Digester`` values (rafs-format.md §0.1: blake3 is 0).
 _BLAKE3 = 0
 _SHA256 = 1
 

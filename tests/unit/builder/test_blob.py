@@ -91,7 +91,7 @@ def test_blob_toc_layout_digests_and_id():
     assert [e.entry_name for e in toc.entries] == ["image.blob", "blob.meta", "blob.meta.header", "blob.digest"]
     digest_sec = tail.sections["blob.digest"]
     assert data[digest_sec.offset:digest_sec.offset + digest_sec.size] == b"".join(c.digest for c in infos)
-    # id = sha256 of everything but the digest array payload (§3.8)
+    # id = sha256 of everything but the digest array payload (rafs-format.md §3.8)
     assert blob_id == hashlib.sha256(data[:digest_sec.offset] + data[digest_sec.offset + digest_sec.size:]).hexdigest()
     img = toc.get("image.blob")
     end = w.data_size

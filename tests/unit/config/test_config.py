@@ -51,7 +51,7 @@ def refused(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# §2.7: what the drivers actually send.
+# nydus-surface.md §2.7: what the drivers actually send.
 # --------------------------------------------------------------------------------------
 
 # nydus-snapshotter (fusedev): its template completed by Supplement/FillAuth and then

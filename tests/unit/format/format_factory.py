@@ -151,7 +151,7 @@ def default_blobs(n: int = 2, chunk_size: int = 0x100000, features: int = 0) -> 
 
 def build_v5(root: Node, *, chunk_size: int = 0x100000, flags: int | None = None,
              blobs: list[BlobInfo] | None = None, ext_table: bool = True, prefetch: list[int] = ()) -> bytes:
-    """A v5 bootstrap laid out like the current builder (§1.1, §1.3 index order)."""
+    """A v5 bootstrap laid out like the current builder (rafs-format.md §1.1, §1.3 index order)."""
     blobs = default_blobs() if blobs is None else blobs
     if flags is None:
         flags = SuperFlags.COMPRESSION_NONE | SuperFlags.HASH_SHA256 | SuperFlags.EXPLICIT_UID_GID
@@ -239,7 +239,7 @@ def build_v5(root: Node, *, chunk_size: int = 0x100000, flags: int | None = None
 def build_v6(root: Node, *, chunk_size: int = 0x100000, flags: int | None = None,
              blobs: list[BlobInfo] | None = None, compact: bool = False, inline: bool = True,
              blkszbits: int = 12, prefetch_paths: list[bytes] = (), hole_paths: tuple[bytes, ...] = ()) -> bytes:
-    """A v6 bootstrap (§2.1 layout).  ``hole_paths`` files get null block addresses."""
+    """A v6 bootstrap (rafs-format.md §2.1 layout).  ``hole_paths`` files get null block addresses."""
     bs = 1 << blkszbits
     tarfs = blkszbits == 9
     if flags is None:

@@ -44,7 +44,7 @@ def test_composite_sizes():
 
 
 def test_init_out_field_offsets():
-    # reference §3.10: max_pages at 28, map_alignment at 30, flags2 at 32
+    # vhost-user-fs.md §3.10: max_pages at 28, map_alignment at 30, flags2 at 32
     raw = abi.fuse_init_out.pack(7, 38, 0, 0, 0, 0, 0, 0, 0x1234, 0x5678, 0x9ABCDEF0)
     assert raw[28:30] == b"\x34\x12"
     assert raw[30:32] == b"\x78\x56"
@@ -88,7 +88,7 @@ def test_opcode_classes_are_disjoint_and_cover_the_read_only_table():
     for i, a in enumerate(groups):
         for b in groups[i + 1:]:
             assert not a & b
-    # reference §3.4: every write opcode a 6.1 guest may send is EROFS material
+    # vhost-user-fs.md §3.4: every write opcode a 6.1 guest may send is EROFS material
     assert {Opcode.SETATTR, Opcode.CREATE, Opcode.TMPFILE, Opcode.COPY_FILE_RANGE} <= abi.WRITE_OPCODES
     assert {Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING, Opcode.POLL} <= abi.NOSYS_OPCODES
     # IOCTL is answered ENOTTY and locks reach the filesystem: neither is blanket ENOSYS

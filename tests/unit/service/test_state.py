@@ -1,4 +1,4 @@
-"""nydus_vfs.service.state: the lifecycle table (§1.7) and the machine around it."""
+"""nydus_vfs.service.state: the lifecycle table (nydus-surface.md §1.7) and the machine around it."""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ class SyntheticBlob:
 def make_blob(contents: list[bytes], *, compressor: Compressor = Compressor.ZSTD,
               digester: Digester = Digester.BLAKE3, aligned: bool = True, with_crc: bool = False,
               blob_id: str = "b" * 64, index: int = 0, known_count: bool = True) -> SyntheticBlob:
-    """Pack ``contents`` as chunks of one blob the way the builder does (§0.3, §0.7)."""
+    """Pack ``contents`` as chunks of one blob the way the builder does (rafs-format.md §0.3, §0.7)."""
     stored = bytearray()
     chunks = []
     uoff = 0

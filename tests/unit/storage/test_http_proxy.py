@@ -26,7 +26,7 @@ def _app(prefix: str, seen: list, faults: list) -> web.Application:
         if request.method == "HEAD":
             return web.Response(headers={"Content-Length": str(len(DATA))})
         a, b = map(int, request.headers["Range"][6:].split("-"))
-        # Like nydus-backend-proxy (§0 item 20): 200, Content-Range total = range length.
+        # Like nydus-backend-proxy (nydus-surface.md §0 item 20): 200, Content-Range total = range length.
         return web.Response(status=200, body=DATA[a:b + 1], headers={"Content-Range": f"bytes {a}-{b}/{b - a + 1}"})
 
     app = web.Application()

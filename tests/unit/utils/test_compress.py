@@ -1,4 +1,4 @@
-"""Chunk compression: round trips, the fallback rule, and hostile input (reference §0.3)."""
+"""Chunk compression: round trips, the fallback rule, and hostile input (rafs-format.md §0.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Known answers for the digests and CRC-32C RAFS uses (reference §0.2, §0.4)."""
+"""Known answers for the digests and CRC-32C RAFS uses (rafs-format.md §0.2, §0.4)."""
 
 from __future__ import annotations
 

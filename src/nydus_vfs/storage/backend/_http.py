@@ -12,7 +12,7 @@ dfdaemon, nydus-surface.md §2.3 ``proxy``).  Contracts:
   a ranged read must see the stored bytes.
 * :func:`read_range` returns exactly the asked bytes or raises a
   ``BackendError``: 206 with a matching ``Content-Range``, 200 with a matching
-  ``Content-Range`` (nydus-backend-proxy, §0 item 20) or 200 with the whole blob
+  ``Content-Range`` (nydus-backend-proxy, nydus-surface.md §0 item 20) or 200 with the whole blob
   (the range is cut out of it).  A short body, a ``Content-Range`` that does not
   match, a reset or a stall are retryable; a range past the end of the blob is
   not.  Wrong bytes are never returned.

@@ -6,7 +6,7 @@ through the shared HTTP layer (``_http``).  Behaviour:
 
 * ``scheme``: only the literal ``"http"`` selects plain HTTP; anything else is
   HTTPS.  With ``skip_verify`` a TLS failure switches the backend to plain HTTP
-  for good, with a warning that says so (upstream does this silently, §10.3);
+  for good, with a warning that says so (upstream does this silently, nydus-surface.md §10 item 3);
   without it the TLS error is final and names ``ca_cert_files``.
 * Auth (``_registry_auth``): ``registry_token`` is sent first when set; a 401
   is answered once per request from its ``WWW-Authenticate`` (Basic with

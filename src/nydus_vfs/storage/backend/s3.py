@@ -5,8 +5,8 @@ Object ``<object_prefix><blob_id>`` of ``bucket_name``, addressed path-style at
 ``s3.<region>.amazonaws.com``).  With an ``access_key_id`` every request is
 signed with AWS Signature Version 4 (service ``s3``, ``region``; signed headers
 ``host``, ``range`` when present, ``x-amz-content-sha256``, ``x-amz-date``).
-Upstream reports S3's metrics as ``backend_type: "oss"`` (nydus-surface.md
-§3.5); so do we.  Credentials never appear in repr, logs or errors.
+Upstream reports S3's metrics as ``backend_type: "oss"``
+(nydus-surface.md §3.5); so do we.  Credentials never appear in repr, logs or errors.
 """
 
 from __future__ import annotations
