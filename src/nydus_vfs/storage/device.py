@@ -36,6 +36,7 @@ no blob, ``uncompressed_size`` = bytes of the file it covers) reads as zeros.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Hashable, Iterable, Sequence
@@ -88,6 +89,10 @@ _DEFAULT_LRU_BYTES = 64 << 20
 # Bytes of other chunks a merged backend request may read over rather than
 # split in two (chunks already cached or fetched by someone else).
 _MAX_MERGE_GAP = 128 << 10
+# Merged local reads larger than this go to a worker thread.
+_INLINE_READ_MAX = 1 << 20
+# Chunks of a merged run decoded between two yields to the event loop.
+_DECODE_BATCH = 8
 
 #: One element of a read request: the chunk, the offset inside its
 #: uncompressed data, and how many bytes from there.
@@ -651,10 +656,14 @@ class BlobDevice:
                 start = run[0][0].compressed_offset
                 end = max(c.compressed_offset + c.compressed_size for c, _ in run)
                 try:
-                    if backend.supports_sync:
-                        raw = backend.read_sync(blob.blob_id, start, end - start)
-                    else:
+                    if not backend.supports_sync:
                         raw = await backend.read(blob.blob_id, start, end - start)
+                    elif end - start > _INLINE_READ_MAX:
+                        # A big merged local read would hold up every other request.
+                        raw = await asyncio.get_running_loop().run_in_executor(
+                            None, backend.read_sync, blob.blob_id, start, end - start)
+                    else:
+                        raw = backend.read_sync(blob.blob_id, start, end - start)
                 except Exception as exc:
                     stats.errors.append(exc)
                     for c, f in run:
@@ -664,7 +673,9 @@ class BlobDevice:
                     continue
                 stats.requests += 1
                 stats.bytes += end - start
-                for c, f in run:
+                for n, (c, f) in enumerate(run):
+                    if n and not n % _DECODE_BATCH:
+                        await asyncio.sleep(0)  # decoding a long run must not starve other requests
                     key = (c.uncompressed_offset, c.uncompressed_size)
                     lo = c.compressed_offset - start
                     try:

@@ -826,3 +826,16 @@ def test_metrics_json_has_nydusd_blobcache_fields(tmp_path):
     device.flush()
     assert device.metrics_json()["data_all_ready"]
     device.close()
+
+
+def test_big_merged_local_reads_run_off_the_loop_and_land_in_the_cache(tmp_path):
+    sb = make_blob([os.urandom(400_000) for _ in range(4)], aligned=False)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / sb.blob_id).write_bytes(sb.data)
+    local = LocalfsBackend(dir=tmp_path / "blobs")
+    device = BlobLayer().open_device([sb.info], local, filecache(tmp_path))
+    stats = run(device.fetch_chunks(0, sb.chunks, 4 << 20))
+    assert (stats.requests, stats.chunks, stats.bytes) == (1, 4, len(sb.data))
+    assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
+    assert local.metrics.read_count == 1
+    device.close()
