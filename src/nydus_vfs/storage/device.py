@@ -37,6 +37,7 @@ no blob, ``uncompressed_size`` = bytes of the file it covers) reads as zeros.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 from collections.abc import Hashable, Iterable, Sequence
@@ -406,6 +407,9 @@ class BlobDevice:
         self.cache = cache
         self.digest_validate = digest_validate
         self.amplify_io = max(0, int(amplify_io))
+        #: ``{blob index: (compressed offsets, chunks)}`` in blob order, set by the
+        #: filesystem when known: amplification then follows the blob, not the file.
+        self.blob_order: dict[int, tuple[list[int], list[ChunkInfo]]] | None = None
         self._check_hits = cache.validate
         # Whatever goes into a validating cache must have been checked too.
         self._validate_fetch = digest_validate or cache.validate
@@ -607,10 +611,18 @@ class BlobDevice:
         claimed = [(chunk, lead)]
         try:
             blob = self.blobs[index]
-            chunks, start = more
+            order = self.blob_order.get(index) if self.blob_order else None
+            if order is not None:
+                offsets, in_blob = order
+                # A generator: the blob's list may be long, the walk below is short.
+                following_chunks: Iterable[ChunkInfo] = (
+                    in_blob[i] for i in range(bisect.bisect_right(offsets, chunk.compressed_offset), len(in_blob)))
+            else:
+                chunks, start = more
+                following_chunks = chunks[start + 1:]
             budget = self.amplify_io - chunk.compressed_size
             seen = {key}
-            for following in chunks[start + 1:]:
+            for following in following_chunks:
                 if budget <= 0:
                     break
                 if following.blob_index != index:
