@@ -2,7 +2,7 @@
 
 * :func:`split_sections` cuts a guest script's output at its ``== name`` lines.
 * :func:`host_tree_listing` computes on the host what
-  :func:`nydus_vfs.testing.guest.tree_result_script` prints in the guest:
+  :func:`tests.guest.tree_result_script` prints in the guest:
   ``tree -a -J -v`` of the directory, then the sorted md5 lines of its regular
   files, with the directory's own path removed.
 """
@@ -14,7 +14,7 @@ import os
 import pathlib
 import subprocess
 
-from nydus_vfs.testing.guest import find_kernel
+from tests.guest import find_kernel
 
 __all__ = ["split_sections", "host_tree_listing"]
 

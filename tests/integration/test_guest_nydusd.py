@@ -37,7 +37,7 @@ import time
 import pytest
 
 from nydus_vfs._native import binding
-from nydus_vfs.testing.guest import Backend, GuestResult, find_kernel, guest_unavailable_reason, \
+from tests.guest import Backend, GuestResult, find_kernel, guest_unavailable_reason, \
     parse_tree_result, run_guest, start_backend, tree_result_script
 from nydus_vfs.utils.io import FileSegment
 from tests.conftest import PROJECT_ROOT, linked_blob_dir

@@ -13,7 +13,7 @@ import random
 
 import pytest
 
-from nydus_vfs.testing.guest import guest_unavailable_reason, run_guest, start_backend, tree_result_script
+from tests.guest import guest_unavailable_reason, run_guest, start_backend, tree_result_script
 from tests.integration.guest_helpers import host_tree_listing, split_sections
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"

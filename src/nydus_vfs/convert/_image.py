@@ -10,14 +10,14 @@
 3. :func:`merge` the packed layers into the bootstrap layer (a gzip tar with
    ``image/image.boot`` and the v6 ``.blob.meta`` files), push it, push the
    rewritten config (``rootfs.diff_ids``, a "Nydus Converter" history entry).
-4. Push the manifest (layers and annotations exactly as §5.4) and, for several
+4. Push the manifest (layers and annotations exactly as nydus-surface.md §5.4) and, for several
    platforms or ``--merge-platform``, the index: **tags move last**, so any
    failure before leaves the target tag where it was.
 
 The work dir holds one private sub-directory per run, removed on success and
 on failure alike.
 
-:func:`check_image` (``nydusify check``): the manifest rules of §5.4, the
+:func:`check_image` (``nydusify check``): the manifest rules of nydus-surface.md §5.4, the
 bootstrap layer's ``image/image.boot`` validated by the builder's ``check``,
 its blob table against the manifest's blob layers, every blob present in the
 registry with the right size; with a source image, the two file trees are
@@ -83,7 +83,7 @@ def host_platform() -> str:
 
 @dataclass
 class ConvertOptions:
-    """What ``nydusify convert`` takes (flag names of §5.2 in Python spelling)."""
+    """What ``nydusify convert`` takes (flag names of nydus-surface.md §5.2 in Python spelling)."""
 
     source: str
     target: str
@@ -454,7 +454,7 @@ async def _pick_manifest(client: RegistryClient, ref: Reference, platform: str, 
 
 
 def _check_rules(manifest: dict, config: dict) -> list[str]:
-    """The manifest rules of §5.4; a list of violations."""
+    """The manifest rules of nydus-surface.md §5.4; a list of violations."""
     bad = []
     layers = manifest.get("layers") or []
     if not layers:

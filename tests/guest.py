@@ -23,8 +23,9 @@ Where the pieces come from:
   reboots with ``reboot -f`` between parts, through QEMU's real reset path (the
   back-end sees the rings stop and a new FUSE_INIT with no DESTROY).
 
-Everything here is standard library only, so ``qemu/run-guest`` can load this file
-with any Python 3.11.  Failures raise :class:`GuestError`; missing tooling raises
+Everything here is standard library only (plus ``nydus_vfs.errors`` from ``src/``), so
+``qemu/run-guest`` can load this file by path with any Python 3.11.  It lives in
+``tests/`` because it needs the checkout (``qemu/init``, the ``.cache`` beside it).  Failures raise :class:`GuestError`; missing tooling raises
 :class:`GuestUnavailableError`, and :func:`guest_unavailable_reason` says why up front
 so tests can skip with that reason.
 """
@@ -75,7 +76,9 @@ __all__ = [
     "tree_result_script",
 ]
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[3]
+# This file lives in the checkout (tests/guest.py) and boots what qemu/ next to it holds;
+# it is test tooling, not part of the installed package.
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parent.parent
 QEMU_DIR = PROJECT_ROOT / "qemu"
 QEMU = "qemu-system-x86_64"
 

@@ -1,4 +1,4 @@
-"""Unit tests of nydus_vfs.testing.guest: everything but a real boot.
+"""Unit tests of tests/guest.py: everything but a real boot.
 
 The archive writer is checked against GNU cpio, the module planner against
 synthetic modules.dep trees, the console conversation with arbitrary read
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nydus_vfs.testing import guest
-from nydus_vfs.testing.guest import (
+from tests import guest
+from tests.guest import (
     GuestError,
     GuestTimeoutError,
     GuestUnavailableError,
