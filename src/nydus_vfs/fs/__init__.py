@@ -3,7 +3,8 @@ pseudo-mount VFS holding them.
 
 * owns: the :class:`FileSystem` seam (one instance over local inode numbers,
   read and write operations), ``RafsFs`` (one image over a blob device,
-  immutable, EROFS for writes), ``prefetch_rafs`` (background prefetch of an
+  immutable, EROFS for writes), ``PassthroughFs`` (a shared host directory,
+  read-write, safe against a hostile guest), ``prefetch_rafs`` (background prefetch of an
   instance into its blob cache) and ``Vfs`` (the ``Operations`` the FUSE server
   sees: pseudo paths, nodeid translation both ways, one shared nodeid space for
   all instances).
@@ -12,9 +13,10 @@ pseudo-mount VFS holding them.
 """
 
 from ._seam import FileSystem, ReadOnlyFs
+from .passthrough import PassthroughFs
 from .prefetch import PrefetchReport, prefetch_config, prefetch_rafs
 from .rafs import RafsFs, load_bootstrap
 from .vfs import MAX_INSTANCES, Vfs
 
-__all__ = ["FileSystem", "ReadOnlyFs", "RafsFs", "Vfs", "MAX_INSTANCES", "load_bootstrap", "PrefetchReport",
+__all__ = ["FileSystem", "ReadOnlyFs", "RafsFs", "PassthroughFs", "Vfs", "MAX_INSTANCES", "load_bootstrap", "PrefetchReport",
            "prefetch_config", "prefetch_rafs"]
