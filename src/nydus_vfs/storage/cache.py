@@ -14,6 +14,12 @@
     blob table).
   - ``<work_dir>/<blob_id>.blob.data.chunk_map``: which chunks are present
     (see ``_chunkmap``).
+  - ``<work_dir>/<blob_id>.blob.meta``: the blob's compression-context (ci)
+    table, uncompressed, as nydusd writes it (rafs-format.md §3.9), for blobs
+    that carry one (v6).  Filled from the backend in the background on the
+    blob's first miss unless a valid one is there (the snapshotter may have
+    put it); nothing here reads it back: it keeps the work dir
+    interchangeable with nydusd's.
 
   Hits are returned as :class:`~nydus_vfs.utils.io.FileSegment` into the data
   file, so the transport copies them to the guest without Python touching
@@ -31,12 +37,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from ..errors import ConfigError, StorageError
-from ..format.types import BlobFeatures, BlobInfo, ChunkInfo
+from ..errors import ConfigError, FormatError, StorageError
+from ..format.blob import BLOB_CCT_HEADER_SIZE, BlobCompressionContextHeader
+from ..format.types import BlobFeatures, BlobInfo, ChunkInfo, Cipher, Compressor
+from ..utils.compress import decompress
 from ..utils.io import FileSegment
 from ..utils.ratelog import LogLimiter
 from ._chunkmap import IndexedChunkMap, MemoryChunkMap, open_regular
@@ -51,6 +60,8 @@ _SEEK_END = os.SEEK_END
 
 # RAFS v6 caps a blob's uncompressed size at 2^44 (rafs-format.md §2.5).
 _MAX_DATA_SIZE = 1 << 44
+# Largest ci table accepted from a (possibly hostile) blob table entry.
+_MAX_META = 1 << 30
 
 #: Accepted ``cache.type`` values (nydusd rejects anything else, ``dummy`` included).
 CACHE_KINDS = ("blobcache", "filecache", "dummycache", "")
@@ -119,14 +130,19 @@ class BlobCacheFile:
     SYNC_BYTES = 8 << 20
     SYNC_DELAY = 0.5
 
-    __slots__ = ("blob_id", "data_path", "map_path", "fd", "size", "map", "closed", "unsynced",
+    __slots__ = ("blob_id", "data_path", "map_path", "meta_path", "fd", "size", "map", "closed", "unsynced",
                  "_unsynced_bytes", "_want", "_syncing", "_timer", "_write_error", "failed_writes",
-                 "entries_count", "repairs")
+                 "entries_count", "repairs", "_blob", "meta_wanted", "meta_task")
 
     def __init__(self, work_dir: str, blob: BlobInfo) -> None:
         self.blob_id = check_blob_id(blob.blob_id)
         self.data_path = os.path.join(work_dir, f"{blob.blob_id}.blob.data")
         self.map_path = self.data_path + ".chunk_map"
+        self.meta_path = os.path.join(work_dir, f"{blob.blob_id}.blob.meta")
+        self._blob = blob
+        #: Whether :meth:`start_meta` should run (the blob has a ci table and no valid file is there).
+        self.meta_wanted = _has_ci(blob) and not blob_meta_valid(self.meta_path, blob)
+        self.meta_task: asyncio.Task | None = None
         self.closed = False
         #: Chunks written but not yet known durable: chunk index (or range) -> chunk.
         self.unsynced: dict[object, ChunkInfo] = {}
@@ -371,9 +387,29 @@ class BlobCacheFile:
         """Whether every chunk of the blob is durably cached."""
         return self.map.all_ready
 
+    # -- the blob meta file ------------------------------------------------------------
+    def start_meta(self, backend) -> None:
+        """Fill ``<blob_id>.blob.meta`` from ``backend`` in a background task, once."""
+        if not self.meta_wanted or self.closed:
+            return
+        self.meta_wanted = False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.meta_task = loop.create_task(self._fill_meta(backend), name=f"blob-meta {self.blob_id}")
+
+    async def _fill_meta(self, backend) -> None:
+        try:
+            await fill_blob_meta(self.meta_path, self._blob, backend)
+        except Exception as exc:  # noqa: BLE001 - a missing meta file costs nothing here
+            log.warning("cannot write blob meta %s: %s", self.meta_path, exc)
+
     def close(self) -> None:
         if self.closed:
             return
+        if self.meta_task is not None and not self.meta_task.done():
+            self.meta_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -381,6 +417,65 @@ class BlobCacheFile:
         self.closed = True
         self.map.close()
         os.close(self.fd)
+
+
+def _has_ci(blob: BlobInfo) -> bool:
+    return blob.ci_compressed_size > 0 and blob.ci_uncompressed_size > 0 and blob.cipher == Cipher.NONE
+
+
+def _align4k(n: int) -> int:
+    return (n + 4095) & ~4095
+
+
+def blob_meta_valid(path: str, blob: BlobInfo) -> bool:
+    """Whether ``path`` holds the blob meta file of ``blob`` (size and header checked)."""
+    try:
+        size = os.stat(path).st_size
+        if size != _align4k(blob.ci_uncompressed_size) + BLOB_CCT_HEADER_SIZE:
+            return False
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return False
+            raw = os.pread(fd, BLOB_CCT_HEADER_SIZE, size - BLOB_CCT_HEADER_SIZE)
+        finally:
+            os.close(fd)
+        BlobCompressionContextHeader.from_bytes(raw).validate(blob)
+    except (OSError, FormatError):
+        return False
+    return True
+
+
+async def fill_blob_meta(path: str, blob: BlobInfo, backend) -> None:
+    """Fetch ``blob``'s ci table and header and write ``path`` (rafs-format.md §3.9).
+
+    The file appears complete or not at all (written beside, synced, renamed).
+    Raises ``BackendError``, ``FormatError`` (the blob's header does not match
+    its table entry), ``ChunkCorruptError`` (cannot decompress) or ``OSError``.
+    """
+    csize, usize = blob.ci_compressed_size, blob.ci_uncompressed_size
+    if usize > _MAX_META or csize > _MAX_META:
+        raise FormatError("RafsV6Blob", "ci_uncompressed_size", usize, f"ci tables above {_MAX_META} bytes refused")
+    raw = await backend.read(blob.blob_id, blob.ci_offset, csize + BLOB_CCT_HEADER_SIZE)
+    header_bytes = raw[csize:]
+    BlobCompressionContextHeader.from_bytes(header_bytes).validate(blob)
+    ci = raw[:csize] if blob.ci_compressor == Compressor.NONE else decompress(raw[:csize], blob.ci_compressor, usize)
+    if len(ci) != usize:
+        raise FormatError("blob.meta", "ci area", len(ci), f"expected {usize} bytes")
+    body = bytes(ci) + bytes(_align4k(usize) - usize) + bytes(header_bytes)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        view = memoryview(body)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
 
 
 class ChunkLRU:

@@ -767,6 +767,9 @@ class BlobDevice:
         blob = self.blobs[index]
         check_chunk(blob, chunk)
         state = self._states[index]
+        cache = state.cache
+        if cache is not None and cache.meta_wanted:
+            cache.start_meta(self.backend)
         if state.verified:
             # A cached copy may have been dropped (bad bytes, a shrunken file):
             # whatever replaces it gets checked afresh.

@@ -37,7 +37,7 @@ def test_amplify_io_reads_the_rest_of_the_file_in_one_request(tmp_path):
 
     assert asyncio.run(read_all()) == data
     # 6 chunks, at most 4 per request (amplify_io), each miss taking its followers along.
-    assert [size for _, _, size in backend.reads] == [4 * CHUNK, 2 * CHUNK]
+    assert [size for _, off, size in backend.reads if off != boot.blobs[0].ci_offset] == [4 * CHUNK, 2 * CHUNK]
     fs.close()
 
 
@@ -67,7 +67,7 @@ def test_amplify_io_follows_the_blob_across_small_files_once_the_order_is_known(
 
     asyncio.run(main())
     # The first file alone (order not known yet), then everything else in one request.
-    assert len(backend.reads) == 2
+    assert len([r for r in backend.reads if r[1] != boot.blobs[0].ci_offset]) == 2
     fs.close()
 
 

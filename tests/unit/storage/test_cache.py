@@ -266,3 +266,68 @@ def test_a_device_at_a_cache_path_is_refused(tmp_path):
     os.symlink("/dev/null", tmp_path / f"{sb.blob_id}.blob.data")
     with pytest.raises(StorageError, match="not a regular file \\(a character device\\)"):
         BlobCacheFile(str(tmp_path), sb.info)
+
+
+# -- the blob meta file (nydus-surface.md §2.4, rafs-format.md §3.9) --------------------------
+
+def _v6_image(tmp_path):
+    from nydus_vfs.builder import BuildOptions, build
+    from nydus_vfs.fs import load_bootstrap
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(200_000))
+    r = build(str(src), BuildOptions(fs_version=6, chunk_size=0x10000, bootstrap=str(tmp_path / "boot"),
+                                     blob_dir=str(tmp_path)))
+    boot = load_bootstrap(str(tmp_path / "boot"))
+    return boot, {b: (tmp_path / b).read_bytes() for b in r.blobs}
+
+
+def test_the_blob_meta_file_is_filled_on_first_miss_and_reused(tmp_path):
+    from nydus_vfs.format.blob import decode_ci_entries, split_blob_meta_file
+    from nydus_vfs.storage import BlobLayer
+    from nydus_vfs.testing.backend import InMemoryBackend
+
+    boot, blobs = _v6_image(tmp_path)
+    blob = boot.blobs[0]
+    spec = CacheSpec("blobcache", str(tmp_path / "cache"))
+    chunks = boot.chunks(boot.lookup(boot.root_ino, b"f"))
+    chunk = chunks[0]
+
+    async def session(k=0):
+        backend = InMemoryBackend(blobs)
+        device = BlobLayer().open_device(boot.blobs, backend, spec)
+        await device.read([(chunks[k], 0, 10)])   # a miss: the meta file is filled on first use
+        cache = device._states[0].cache
+        if cache.meta_task is not None:
+            await cache.meta_task
+        device.close()
+        return backend
+
+    backend = asyncio.run(session())
+    path = tmp_path / "cache" / f"{blob.blob_id}.blob.meta"
+    raw = path.read_bytes()
+    assert len(raw) == ((blob.ci_uncompressed_size + 4095) & ~4095) + 4096
+    header, ci = split_blob_meta_file(raw)
+    header.validate(blob)
+    entries = decode_ci_entries(ci, header.s_ci_entries, header.is_v2)
+    assert [(e.compressed_offset, e.uncompressed_offset) for e in entries][0] == (chunk.compressed_offset,
+                                                                                  chunk.uncompressed_offset)
+    assert (blob.blob_id, blob.ci_offset, blob.ci_compressed_size + 4096) in backend.reads
+    # A valid file is kept: the next daemon does not fetch it again.
+    backend = asyncio.run(session(1))
+    assert len(backend.reads) == 1
+    assert not [r for r in backend.reads if r[1] == blob.ci_offset]
+    # A damaged one is replaced.
+    path.write_bytes(b"junk")
+    backend = asyncio.run(session(2))
+    assert [r for r in backend.reads if r[1] == blob.ci_offset]
+    assert split_blob_meta_file(path.read_bytes())[0].s_ci_entries == blob.chunk_count
+
+
+def test_a_blob_without_a_ci_table_gets_no_meta_file(tmp_path):
+    sb = make_blob([b"a" * 100])
+    cache = BlobCacheFile(str(tmp_path), sb.info)
+    assert not cache.meta_wanted
+    cache.close()
+    assert not os.path.exists(tmp_path / f"{sb.blob_id}.blob.meta")
