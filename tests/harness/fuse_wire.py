@@ -79,6 +79,31 @@ __all__ = [
     "listxattr",
     "syncfs",
     "destroy",
+    "FATTR_MODE",
+    "FATTR_UID",
+    "FATTR_GID",
+    "FATTR_SIZE",
+    "FATTR_ATIME",
+    "FATTR_MTIME",
+    "FATTR_FH",
+    "FATTR_ATIME_NOW",
+    "FATTR_MTIME_NOW",
+    "setattr",
+    "mknod",
+    "mkdir",
+    "symlink",
+    "unlink",
+    "rmdir",
+    "rename",
+    "link",
+    "create",
+    "write",
+    "fsync",
+    "setxattr",
+    "removexattr",
+    "fallocate",
+    "lseek",
+    "copy_file_range",
 ]
 
 
@@ -366,6 +391,104 @@ def syncfs(nodeid: int = 1) -> FuseRequest:
 def destroy() -> FuseRequest:
     """FUSE_DESTROY (40 B in, header-only reply); nodeid 0 as at umount."""
     return FuseRequest(FuseOpcode.DESTROY, 0, nocreds=True)
+
+
+# ---------------------------------------------------------------- write requests (Linux 6.1 shapes)
+
+_SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+_MKNOD_IN = struct.Struct("<IIII")
+_MKDIR_IN = struct.Struct("<II")
+_RENAME_IN = struct.Struct("<Q")
+_RENAME2_IN = struct.Struct("<QII")
+_LINK_IN = struct.Struct("<Q")
+_WRITE_IN = struct.Struct("<QQIIQII")
+_CREATE_IN = struct.Struct("<IIII")
+_SETXATTR_IN = struct.Struct("<II")       # without FUSE_SETXATTR_EXT
+_FALLOCATE_IN = struct.Struct("<QQQII")
+_LSEEK_IN = struct.Struct("<QQII")
+_COPY_RANGE_IN = struct.Struct("<QQQQQQQ")
+_FSYNC_IN = struct.Struct("<QII")
+#: FATTR_* bits of fuse_setattr_in.valid
+FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE, FATTR_ATIME, FATTR_MTIME, FATTR_FH = 1, 2, 4, 8, 16, 32, 64
+FATTR_ATIME_NOW, FATTR_MTIME_NOW = 128, 256
+
+
+def setattr(nodeid: int, valid: int, *, fh: int = 0, size: int = 0, atime: int = 0, atimensec: int = 0,  # noqa: A001
+            mtime: int = 0, mtimensec: int = 0, mode: int = 0, uid: int = 0, gid: int = 0) -> FuseRequest:
+    """FUSE_SETATTR (88 B in, fuse_attr_out)."""
+    args = _SETATTR_IN.pack(valid, 0, fh, size, 0, atime, mtime, 0, atimensec, mtimensec, 0, mode, 0, uid, gid, 0)
+    return FuseRequest(FuseOpcode.SETATTR, nodeid, args, out_size=104)
+
+
+def mknod(parent: int, name: bytes | str, mode: int, rdev: int = 0, umask: int = 0o022) -> FuseRequest:
+    return FuseRequest(FuseOpcode.MKNOD, parent, _MKNOD_IN.pack(mode, rdev, umask, 0) + _name(name), out_size=128)
+
+
+def mkdir(parent: int, name: bytes | str, mode: int = 0o755, umask: int = 0o022) -> FuseRequest:
+    return FuseRequest(FuseOpcode.MKDIR, parent, _MKDIR_IN.pack(mode, umask) + _name(name), out_size=128)
+
+
+def symlink(parent: int, name: bytes | str, target: bytes | str) -> FuseRequest:
+    """FUSE_SYMLINK: the new name first, then the target (fs/fuse/dir.c)."""
+    return FuseRequest(FuseOpcode.SYMLINK, parent, _name(name) + _name(target), out_size=128)
+
+
+def unlink(parent: int, name: bytes | str) -> FuseRequest:
+    return FuseRequest(FuseOpcode.UNLINK, parent, _name(name))
+
+
+def rmdir(parent: int, name: bytes | str) -> FuseRequest:
+    return FuseRequest(FuseOpcode.RMDIR, parent, _name(name))
+
+
+def rename(parent: int, name: bytes | str, newdir: int, newname: bytes | str, flags: int = 0) -> FuseRequest:
+    """FUSE_RENAME, or FUSE_RENAME2 when ``flags`` (what Linux 6.1 does)."""
+    names = _name(name) + _name(newname)
+    if flags:
+        return FuseRequest(FuseOpcode.RENAME2, parent, _RENAME2_IN.pack(newdir, flags, 0) + names)
+    return FuseRequest(FuseOpcode.RENAME, parent, _RENAME_IN.pack(newdir) + names)
+
+
+def link(oldnodeid: int, newparent: int, newname: bytes | str) -> FuseRequest:
+    return FuseRequest(FuseOpcode.LINK, newparent, _LINK_IN.pack(oldnodeid) + _name(newname), out_size=128)
+
+
+def create(parent: int, name: bytes | str, flags: int, mode: int, umask: int = 0o022) -> FuseRequest:
+    """FUSE_CREATE: out is fuse_entry_out + fuse_open_out."""
+    return FuseRequest(FuseOpcode.CREATE, parent, _CREATE_IN.pack(flags, mode, umask, 0) + _name(name),
+                       out_size=144)
+
+
+def write(nodeid: int, fh: int, offset: int, data: bytes, *, flags: int = 0o100001) -> FuseRequest:
+    """FUSE_WRITE: fuse_write_in in the bounce buffer, the data in page segments."""
+    return FuseRequest(FuseOpcode.WRITE, nodeid, _WRITE_IN.pack(fh, offset, len(data), 0, 0, flags, 0),
+                       in_pages=bytes(data), out_size=8)
+
+
+def fsync(nodeid: int, fh: int, datasync: bool = False) -> FuseRequest:
+    return FuseRequest(FuseOpcode.FSYNC, nodeid, _FSYNC_IN.pack(fh, 1 if datasync else 0, 0))
+
+
+def setxattr(nodeid: int, name: bytes | str, value: bytes, flags: int = 0) -> FuseRequest:
+    return FuseRequest(FuseOpcode.SETXATTR, nodeid, _SETXATTR_IN.pack(len(value), flags) + _name(name) + value)
+
+
+def removexattr(nodeid: int, name: bytes | str) -> FuseRequest:
+    return FuseRequest(FuseOpcode.REMOVEXATTR, nodeid, _name(name))
+
+
+def fallocate(nodeid: int, fh: int, offset: int, length: int, mode: int = 0) -> FuseRequest:
+    return FuseRequest(FuseOpcode.FALLOCATE, nodeid, _FALLOCATE_IN.pack(fh, offset, length, mode, 0))
+
+
+def lseek(nodeid: int, fh: int, offset: int, whence: int) -> FuseRequest:
+    return FuseRequest(FuseOpcode.LSEEK, nodeid, _LSEEK_IN.pack(fh, offset, whence, 0), out_size=8)
+
+
+def copy_file_range(nodeid_in: int, fh_in: int, off_in: int, nodeid_out: int, fh_out: int, off_out: int,
+                    length: int) -> FuseRequest:
+    return FuseRequest(FuseOpcode.COPY_FILE_RANGE, nodeid_in,
+                       _COPY_RANGE_IN.pack(fh_in, off_in, nodeid_out, fh_out, off_out, length, 0), out_size=8)
 
 
 # ---------------------------------------------------------------- reply decoders
