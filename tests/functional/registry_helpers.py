@@ -41,7 +41,7 @@ from nydus_vfs.storage.backend._registry_auth import RegistryAuth
 
 __all__ = [
     "DockerRegistry", "TokenServer", "Nginx", "Tinyproxy", "MotoS3", "free_port", "make_ca",
-    "make_signing_cert", "push_blob", "need", "wait_port",
+    "make_signing_cert", "push_blob", "need", "wait_port", "FaultProxy",
 ]
 
 
@@ -474,3 +474,112 @@ class MotoS3:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class FaultProxy:
+    """A reverse proxy of ours in front of a registry that breaks chosen blob requests.
+
+    Runs on its own thread (the client under test is a subprocess).  :meth:`inject`
+    arms ``count`` faults for requests whose path contains ``needle``:
+    ``500``/``503``, ``reset`` (half the body, then RST), ``short`` (body shorter
+    than ``Content-Length``), ``stall`` (no answer), ``wrong_range`` (a
+    ``Content-Range`` and bytes shifted by one), ``404``, ``unauth`` (forward
+    without ``Authorization``, so the registry itself challenges again, as
+    for an expired token), ``loop`` (307 to the same URL).  ``faults_left``
+    says what is still armed; ``seen`` counts proxied blob requests.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.port = free_port()
+        self.needle = ""
+        self.kind = ""
+        self.count = 0
+        self.seen = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def inject(self, kind: str, needle: str, count: int) -> None:
+        self.kind, self.needle, self.count = kind, needle, count
+
+    @property
+    def faults_left(self) -> int:
+        return self.count
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        fault = ""
+        if "/blobs/" in request.path:
+            self.seen += 1
+            if self.count > 0 and self.needle in request.path:
+                self.count -= 1
+                fault = self.kind
+        if fault in ("500", "503", "404"):
+            return web.Response(status=int(fault), text="injected fault")
+        if fault == "loop":
+            return web.Response(status=307, headers={"Location": str(request.rel_url)})
+        if fault == "stall":
+            await asyncio.sleep(3600)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        if fault == "unauth":
+            headers.pop("Authorization", None)
+        assert self._session is not None
+        async with self._session.request(request.method, f"http://{self.upstream}{request.rel_url}",
+                                         headers=headers, data=await request.read() or None,
+                                         allow_redirects=False) as up:
+            body = await up.read()
+            out = {k: v for k, v in up.headers.items()
+                   if k.lower() in ("content-range", "content-type", "location", "www-authenticate",
+                                    "docker-content-digest", "docker-upload-uuid", "range")}
+            status = up.status
+        if fault == "wrong_range" and "Content-Range" in out:
+            a, b_total = out["Content-Range"][6:].split("-")
+            out["Content-Range"] = f"bytes {int(a) + 1}-{b_total}"
+        if fault in ("reset", "short"):
+            resp = web.StreamResponse(status=status, headers=out)
+            resp.content_length = len(body)
+            await resp.prepare(request)
+            await resp.write(body[: len(body) // 2])
+            assert request.transport is not None
+            if fault == "reset":
+                request.transport.abort()
+            else:
+                request.transport.close()
+            return resp
+        return web.Response(status=status, body=body, headers=out)
+
+    def __enter__(self) -> FaultProxy:
+        import threading
+        ready = threading.Event()
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
+
+            async def start() -> None:
+                self._session = aiohttp.ClientSession(auto_decompress=False)
+                await runner.setup()
+                await web.TCPSite(runner, "127.0.0.1", self.port).start()
+
+            loop.run_until_complete(start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._session.close())
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True, name="fault-proxy")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -337,3 +338,41 @@ def test_env_is_read_from_os_environ_by_default(monkeypatch):
     assert b._auth.credentials is not None and b._auth.credentials.username == "alice"
     monkeypatch.delenv("IMAGE_PULL_AUTH")
     assert "IMAGE_PULL_AUTH" not in os.environ
+
+
+class _Rest:
+    """Finish a coroutine whose first step was driven by hand (as the FUSE server does for READ)."""
+
+    def __init__(self, coro, first):
+        self.coro, self.first = coro, first
+
+    def __await__(self):
+        value = self.first
+        while True:
+            yield value
+            try:
+                value = self.coro.send(None)
+            except StopIteration as done:
+                return done.value
+
+
+def test_read_whose_first_step_runs_outside_a_task():
+    reg = FakeRegistry({BLOB_ID: DATA})
+
+    async def body(b):
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def callback():                      # a loop callback: no current task
+            try:
+                assert asyncio.current_task() is None
+                coro = b.read(BLOB_ID, 5, 10)
+                started.set_result((coro, coro.send(None)))
+            except BaseException as exc:     # noqa: BLE001 - reported by the awaiting test
+                started.set_exception(exc)
+
+        loop.call_soon(callback)
+        coro, first = await started
+        assert await _Rest(coro, first) == DATA[5:15]
+
+    run(_with(reg, body))

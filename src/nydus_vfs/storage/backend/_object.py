@@ -21,6 +21,8 @@ __all__ = ["HttpBlobBackend"]
 class HttpBlobBackend(BlobBackend):
     """Blobs at ``self._url(blob_id)``, requests signed by ``self._sign``."""
 
+    needs_task = True
+
     def __init__(self, cfg, *, retry: RetryPolicy | None = None, unix_socket: str | None = None) -> None:
         super().__init__(retry=retry if retry is not None else RetryPolicy(retry_limit=cfg.retry_limit))
         self.cfg = cfg

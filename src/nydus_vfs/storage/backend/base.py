@@ -232,6 +232,9 @@ class BlobBackend(abc.ABC):
     metrics_type: str | None = None
     #: True when :meth:`read_sync` works without an event loop (local storage).
     supports_sync: bool = False
+    #: True when ``_read`` must run inside an ``asyncio.Task`` (aiohttp's timeouts
+    #: need ``current_task()``; the FUSE server drives a READ's first step by hand).
+    needs_task: bool = False
 
     def __init__(self, *, retry: RetryPolicy | None = None) -> None:
         self.retry = retry if retry is not None else RetryPolicy()
@@ -255,6 +258,8 @@ class BlobBackend(abc.ABC):
     # -- the I/O surface -----------------------------------------------------------
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         """Exactly ``size`` bytes of blob ``blob_id`` at ``offset`` (see the module contract)."""
+        if self.needs_task and asyncio.current_task() is None:
+            return await asyncio.get_running_loop().create_task(self.read(blob_id, offset, size))
         self._check_args(blob_id, offset, size)
         started = time.monotonic()
         try:
@@ -278,6 +283,8 @@ class BlobBackend(abc.ABC):
 
     async def blob_size(self, blob_id: str) -> int:
         """Size in bytes of the stored blob ``blob_id``."""
+        if self.needs_task and asyncio.current_task() is None:
+            return await asyncio.get_running_loop().create_task(self.blob_size(blob_id))
         check_blob_id(blob_id)
         self._check_open()
         return await self.retry.run(lambda: self._blob_size(blob_id),

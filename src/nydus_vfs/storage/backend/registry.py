@@ -66,6 +66,7 @@ class RegistryBackend(BlobBackend):
     """
 
     type_name = "registry"
+    needs_task = True
 
     def __init__(self, cfg: RegistryConfig, *, backend_id: str = "/", retry: RetryPolicy | None = None,
                  env: Mapping[str, str] | None = None) -> None:
