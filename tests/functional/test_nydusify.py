@@ -26,6 +26,7 @@ import urllib.request
 
 import pytest
 from aiohttp import ClientSession, web
+from multidict import CIMultiDict
 
 from tests.functional.oci_helpers import (LOWER, UPPER, need, skopeo_push, skopeo_raw, tar_bytes, two_layer_image,
                                           write_oci_layout)
@@ -305,8 +306,8 @@ class FailingProxy:
                     return web.json_response({"errors": [{"code": "INJECTED", "message": "injected failure"}]},
                                              status=self.status, headers=headers)
             body = await request.read()
-            headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length",
-                                                                                     "transfer-encoding")}
+            headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                                  if k.lower() not in ("content-length", "transfer-encoding"))
             async with self.session.request(request.method, f"http://{self.upstream}{request.path_qs}",
                                             headers=headers, data=body or None, allow_redirects=False) as resp:
                 payload = await resp.read()

@@ -1,0 +1,486 @@
+#!/usr/bin/env python3
+"""Lazy start: how soon ``python3 -c 'print(1)'`` prints from an image in a registry, OCI vs Nydus.
+
+The image: a Debian bookworm root with python3, made from this (Debian 12)
+host's installed packages: every package of priority required/important plus
+the dependency closure of ``python3``, copied file by file as ``dpkg -L``
+lists them (with the ``__pycache__`` directories py3compile made), usr-merged
+like the host.  ``debootstrap --variant=minbase --include=python3`` makes the
+same kind of tree but needs a Debian mirror, which the test machines cannot
+reach.  It becomes a single-layer OCI image (gzip), pushed by skopeo to a
+local ``docker-registry``, and converted by our ``nydusify`` (RAFS v6, zstd).
+
+Both paths fetch through our rate-limiting HTTP proxy in front of the
+registry (one shared token bucket = one link of ``--bandwidth`` Mbit/s, plus
+``--rtt-ms`` of latency per request), which also counts the bytes:
+
+(a) **OCI**: ``skopeo copy docker://… oci:…`` (full pull), ``tar -xzf`` of the
+    layer (unpack), then ``chroot ROOTFS python3 -c 'print(1)'``;
+(b) **Nydus**: fetch the manifest and the bootstrap layer (what the
+    snapshotter pulls), start ``nydusd fuse`` with the registry backend
+    (``scheme: http``, empty blob cache), wait for the mount, then the same
+    chroot command in the mount;
+(c) Nydus in a guest over virtio-fs: not measured yet (listed as missing).
+
+Each is timed from its first request to the first line of output, with the
+page cache dropped before each run; the median of ``--rounds`` is reported
+with the bytes each fetched from the registry and the ratio (a)/(b).
+
+    sudo .venv/bin/python scripts/bench/lazy_start.py --bandwidth 100 1000 --rounds 3
+
+Needs root (chroot, FUSE, drop_caches), docker-registry, skopeo, tar, gzip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (PROJECT_ROOT, BenchError, cache_root, drop_caches, exclusive_lock, human_bytes,  # noqa: E402
+                     is_mountpoint, median, render_table, run, signals_raise, sweep_mounts, unmount)
+
+sys.path.insert(0, str(PROJECT_ROOT / "src"))
+
+WORKLOAD = ["/usr/bin/python3", "-c", "print(1)"]
+_ROOT_LINKS = ("bin", "lib", "lib64", "sbin")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- the image -----------------------------------------------------------------------------------------
+
+def host_packages() -> list[str]:
+    """Required/important packages plus the installed dependency closure of python3."""
+    q = run(["dpkg-query", "-W", "-f=${Package} ${Priority} ${Status}\\n"], what="dpkg-query").stdout.decode()
+    pkgs = {line.split()[0] for line in q.splitlines()
+            if line.split()[1:2] in (["required"], ["important"]) and line.endswith("installed")}
+    deps = run(["apt-cache", "depends", "--recurse", "--installed", "--no-recommends", "--no-suggests",
+                "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", "python3"],
+               what="apt-cache depends").stdout.decode()
+    pkgs |= {line.strip() for line in deps.splitlines() if line and not line.startswith(" ") and "<" not in line}
+    if "python3" not in pkgs:
+        raise BenchError("python3 is not installed on this host")
+    return sorted(pkgs)
+
+
+def _canonical(path: str) -> str:
+    parent = os.path.realpath(os.path.dirname(path))
+    return os.path.join(parent, os.path.basename(path))
+
+
+def build_rootfs(dest: Path, packages: list[str]) -> None:
+    """Copy the files of ``packages`` from the host into ``dest`` (usr-merged like the host)."""
+    dest.mkdir(parents=True)
+    paths: set[str] = set()
+    for pkg in packages:
+        r = subprocess.run(["dpkg", "-L", pkg], capture_output=True)
+        if r.returncode == 0:
+            paths.update(p for p in r.stdout.decode(errors="surrogateescape").splitlines() if p.startswith("/"))
+    for name in _ROOT_LINKS:
+        host = Path("/") / name
+        if host.is_symlink():
+            os.symlink(os.readlink(host), dest / name)
+    extra = set()
+    for p in paths:
+        d = os.path.dirname(_canonical(p))
+        cache = os.path.join(d, "__pycache__")
+        if os.path.isdir(cache):
+            extra.update(os.path.join(cache, n) for n in os.listdir(cache))
+    for p in sorted(paths | extra):
+        src = _canonical(p)
+        if not os.path.lexists(src) or src in ("/", "/proc", "/sys", "/dev"):
+            continue
+        out = dest / src.lstrip("/")
+        if os.path.lexists(out):
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), out)
+        elif os.path.isdir(src):
+            out.mkdir(exist_ok=True)
+            shutil.copystat(src, out)
+        elif os.path.isfile(src):
+            shutil.copy2(src, out)
+    for d in ("tmp", "dev", "proc"):
+        (dest / d).mkdir(exist_ok=True)
+    os.chmod(dest / "tmp", 0o1777)
+
+
+def build_layout(rootfs: Path, layout: Path, tag: str) -> int:
+    """A single-layer OCI image layout of ``rootfs``; returns the image's byte size (config + layer)."""
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    tar_path = layout / "layer.tar"
+    run(["tar", "--numeric-owner", "--xattrs", "-C", rootfs, "-cf", tar_path, "."], what="tar", timeout=1800)
+    diff = hashlib.sha256()
+    with open(tar_path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            diff.update(piece)
+    gz_path = layout / "layer.tar.gz"
+    with open(tar_path, "rb") as src, open(gz_path, "wb") as raw:
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz:
+            shutil.copyfileobj(src, gz, 1 << 20)
+    tar_path.unlink()
+    layer = hashlib.sha256()
+    with open(gz_path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            layer.update(piece)
+    gz_path.rename(blobs / layer.hexdigest())
+    size = (blobs / layer.hexdigest()).stat().st_size
+    from nydus_vfs.convert import host_platform
+    arch = host_platform().split("/")[1]
+    config = json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": WORKLOAD},
+                         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff.hexdigest()]}}).encode()
+    cdigest = hashlib.sha256(config).hexdigest()
+    (blobs / cdigest).write_bytes(config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": "sha256:" + cdigest, "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                       "digest": "sha256:" + layer.hexdigest(), "size": size}]}).encode()
+    mdigest = hashlib.sha256(manifest).hexdigest()
+    (blobs / mdigest).write_bytes(manifest)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": "sha256:" + mdigest,
+         "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
+    return size + len(config)
+
+
+def prepare_image(log=log) -> tuple[Path, dict]:
+    """The cached OCI layout (rebuilt when the package set changes) and its description."""
+    packages = host_packages()
+    key = hashlib.sha256(("\n".join(packages) + "\nv1").encode()).hexdigest()[:16]
+    base = cache_root() / "lazy_start"
+    layout = base / f"layout-{key}"
+    stamp = base / f"layout-{key}.json"
+    if layout.is_dir() and stamp.is_file():
+        return layout, json.loads(stamp.read_text())
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    rootfs = base / "rootfs"
+    log(f"building the image root from {len(packages)} host packages")
+    build_rootfs(rootfs, packages)
+    files = sum(len(f) for _, _, f in os.walk(rootfs))
+    usize = sum(os.lstat(os.path.join(d, n)).st_size for d, _, fs in os.walk(rootfs) for n in fs)
+    log(f"  {files} files, {human_bytes(usize)}; packing the OCI layer")
+    partial = base / "layout.partial"
+    size = build_layout(rootfs, partial, "base")
+    shutil.rmtree(rootfs)
+    partial.rename(layout)
+    meta = {"packages": len(packages), "files": files, "uncompressed": usize, "image_size": size}
+    stamp.write_text(json.dumps(meta))
+    return layout, meta
+
+
+# -- the registry and the shaped link ---------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.port = _free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {root / 'store'}\nhttp:\n  addr: {self.host}\n")
+        try:
+            self.proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")],
+                                         stdout=subprocess.DEVNULL, stderr=open(root / "registry.log", "wb"))
+        except FileNotFoundError:
+            raise BenchError("docker-registry is not installed (scripts/setup installs it)") from None
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"docker-registry did not start: {(root / 'registry.log').read_text()}")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ShapedLink:
+    """A reverse proxy to the registry: ``rate`` bytes/s shared by all responses, ``rtt`` s per request.
+
+    ``bytes_sent`` counts response body bytes (what crossed the link).
+    """
+
+    def __init__(self, upstream: str, rate: float, rtt: float) -> None:
+        self.upstream = upstream
+        self.rate = rate
+        self.rtt = rtt
+        self.bytes_sent = 0
+        self.requests = 0
+        self._next_free = 0.0
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, daemon=True, name="shaped-link")
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise BenchError("the shaping proxy did not start")
+
+    async def _pace(self, n: int) -> None:
+        now = self._loop.time()
+        start = max(now, self._next_free)
+        self._next_free = start + n / self.rate
+        delay = self._next_free - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _main(self) -> None:
+        from aiohttp import ClientSession, ClientTimeout, web
+        from multidict import CIMultiDict
+
+        asyncio.set_event_loop(self._loop)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            self.requests += 1
+            if self.rtt:
+                await asyncio.sleep(self.rtt)
+            # A multidict: clients send some headers (Accept) several times.
+            headers = CIMultiDict((k, v) for k, v in request.headers.items()
+                                  if k.lower() not in ("host", "content-length", "transfer-encoding"))
+            body = await request.read()
+            async with self._session.request(request.method, f"http://{self.upstream}{request.path_qs}",
+                                             headers=headers, data=body or None, allow_redirects=False) as up:
+                out = web.StreamResponse(status=up.status, headers=CIMultiDict(
+                    (k, v) for k, v in up.headers.items()
+                    if k.lower() not in ("transfer-encoding", "content-encoding", "connection")))
+                await out.prepare(request)
+                try:
+                    async for piece in up.content.iter_chunked(64 << 10):
+                        await self._pace(len(piece))
+                        self.bytes_sent += len(piece)
+                        await out.write(piece)
+                    await out.write_eof()
+                except ConnectionError:
+                    pass   # the client hung up (it had what it wanted): not the link's business
+                return out
+
+        async def start() -> None:
+            self._session = ClientSession(auto_decompress=False, timeout=ClientTimeout(total=None))
+            app = web.Application(client_max_size=1 << 30)
+            app.router.add_route("*", "/{tail:.*}", handler)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            self.host = f"127.0.0.1:{self.port}"
+            self._ready.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        async def stop() -> None:
+            await self._session.close()
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+# -- the two ways to start ----------------------------------------------------------------------------------
+
+def first_output(cmd: list[str]) -> float:
+    """Run ``cmd``; monotonic time when its first output line arrived (BenchError if none)."""
+    cmd = [shutil.which(cmd[0]) or cmd[0]] + cmd[1:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"})
+    line = proc.stdout.readline()
+    t = time.monotonic()
+    _, err = proc.communicate(timeout=120)
+    if line.strip() != b"1" or proc.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} printed {line!r}, exit {proc.returncode}: {err.decode(errors='replace')}")
+    return t
+
+
+def start_oci(link: ShapedLink, work: Path, image: str) -> tuple[float, float]:
+    """(a): full pull + unpack + chroot; (seconds to first output, seconds to unpacked)."""
+    oci = work / "oci"
+    rootfs = work / "rootfs-oci"
+    rootfs.mkdir()
+    t0 = time.monotonic()
+    run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{link.host}/{image}", f"oci:{oci}:x"],
+        what="skopeo copy", timeout=3600)
+    index = json.loads((oci / "index.json").read_text())
+    manifest = json.loads((oci / "blobs" / "sha256" / index["manifests"][0]["digest"][7:]).read_text())
+    for layer in manifest["layers"]:
+        run(["tar", "--numeric-owner", "-xzf", oci / "blobs" / "sha256" / layer["digest"][7:], "-C", rootfs],
+            what="tar -x", timeout=3600)
+    t_unpacked = time.monotonic()
+    t1 = first_output(["chroot", str(rootfs)] + WORKLOAD)
+    return t1 - t0, t_unpacked - t0
+
+
+def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[float, float]:
+    """(b): bootstrap pull + nydusd (registry backend) + chroot; (seconds to first output, seconds to mounted)."""
+    from nydus_vfs.convert import fetch_nydus_bootstrap
+
+    boot = work / "image.boot"
+    mnt = work / "mnt"
+    mnt.mkdir()
+    config = {"device": {"backend": {"type": "registry",
+                                     "config": {"scheme": "http", "host": link.host, "repo": repo}},
+                         "cache": {"type": "blobcache", "config": {"work_dir": str(work / "cache")}}},
+              "mode": "direct", "digest_validate": False, "enable_xattr": True}
+    (work / "nydusd.json").write_text(json.dumps(config))
+    t0 = time.monotonic()
+    asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
+    proc = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--config",
+                             str(work / "nydusd.json"), "--bootstrap", str(boot), "--mountpoint", str(mnt),
+                             "--log-file", str(work / "nydusd.log"), "--log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+    try:
+        while not is_mountpoint(mnt):
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")
+                raise BenchError(f"nydusd exited {proc.returncode} before mounting: {err.strip()[-500:]}")
+            if time.monotonic() - t0 > 120:
+                raise BenchError("nydusd did not mount within 120 s")
+            time.sleep(0.01)
+        t_mounted = time.monotonic()
+        t1 = first_output(["chroot", str(mnt)] + WORKLOAD)
+        return t1 - t0, t_mounted - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        unmount(mnt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bandwidth", type=float, nargs="+", default=[100.0, 1000.0], help="link speeds in Mbit/s")
+    ap.add_argument("--rtt-ms", type=float, default=0.0, help="added latency per request (default 0)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs per mode and speed; the median is shown")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    ap.add_argument("--json", help="write the raw figures here")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir under the cache)")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("lazy_start: needs root (chroot, FUSE mounts, drop_caches)", file=sys.stderr)
+        return 2
+    try:
+        with exclusive_lock(cache_root() / "lazy_start.lock"), signals_raise():
+            return _run(args)
+    except BenchError as exc:
+        print(f"lazy_start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    layout, meta = prepare_image()
+    log(f"image: host-package Debian root with python3, {meta['files']} files, "
+        f"{human_bytes(meta['uncompressed'])} unpacked, {human_bytes(meta['image_size'])} as an OCI image")
+    scratch = Path(tempfile.mkdtemp(prefix="lazy-start-", dir=args.work or cache_root()))
+    registry = None
+    results: list[dict] = []
+    try:
+        sweep_mounts(scratch)
+        registry = Registry(scratch / "registry-root")
+        run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:base",
+             f"docker://{registry.host}/lazy:base"], what="skopeo copy (push)", timeout=1800)
+        t = time.monotonic()
+        out_json = scratch / "convert.json"
+        run([sys.executable, "-m", "nydus_vfs.cli.nydusify", "convert", "--source", f"{registry.host}/lazy:base",
+             "--target", f"{registry.host}/lazy:nydus", "--plain-http", "--work-dir", str(scratch / "convert"),
+             "--output-json", str(out_json)], what="nydusify convert", timeout=3600,
+            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+        metrics = json.loads(out_json.read_text())
+        log(f"converted with nydusify in {time.monotonic() - t:.1f} s: OCI {human_bytes(metrics['SourceImageSize'])}"
+            f" -> Nydus {human_bytes(metrics['TargetImageSize'])}")
+        for mbit in args.bandwidth:
+            link = ShapedLink(registry.host, mbit * 1e6 / 8, args.rtt_ms / 1000)
+            try:
+                for mode in ("oci", "nydus"):
+                    for i in range(args.rounds):
+                        work = scratch / f"run-{mbit:g}-{mode}-{i}"
+                        work.mkdir()
+                        drop_caches()
+                        before = link.bytes_sent
+                        try:
+                            if mode == "oci":
+                                total, ready = start_oci(link, work, "lazy:base")
+                            else:
+                                total, ready = start_nydus(link, work, "lazy:nydus", "lazy")
+                        except BenchError as exc:
+                            log(f"  {mode} @ {mbit:g} Mbit/s: unavailable: {exc}")
+                            results.append({"mode": mode, "mbit": mbit, "error": str(exc)})
+                            break
+                        fetched = link.bytes_sent - before
+                        results.append({"mode": mode, "mbit": mbit, "round": i, "seconds": total,
+                                        "ready_seconds": ready, "bytes": fetched})
+                        log(f"  {mode} @ {mbit:g} Mbit/s round {i + 1}: first output after {total:.2f} s "
+                            f"({'unpacked' if mode == 'oci' else 'mounted'} at {ready:.2f} s), "
+                            f"{human_bytes(fetched)} fetched")
+                        shutil.rmtree(work, ignore_errors=True)
+            finally:
+                link.stop()
+    finally:
+        if registry is not None:
+            registry.stop()
+        sweep_mounts(scratch)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    rows = []
+    image_bytes = meta["image_size"]
+    for mbit in args.bandwidth:
+        per = {}
+        for mode in ("oci", "nydus"):
+            rs = [r for r in results if r["mode"] == mode and r["mbit"] == mbit and "seconds" in r]
+            per[mode] = (median([r["seconds"] for r in rs]), median([r["bytes"] for r in rs])) if rs else None
+        for mode, label in (("oci", "(a) OCI: pull + unpack + chroot"), ("nydus", "(b) Nydus: nydusd fuse + chroot")):
+            if per[mode] is None:
+                rows.append([label, f"{mbit:g} Mbit/s", "unavailable", "", "", ""])
+                continue
+            secs, fetched = per[mode]
+            speedup = (f"{per['oci'][0] / secs:.1f}x" if mode == "nydus" and per["oci"] else "")
+            rows.append([label, f"{mbit:g} Mbit/s", f"{secs:.2f} s", human_bytes(fetched),
+                         f"{100 * fetched / image_bytes:.1f} %", speedup])
+        rows.append(["(c) Nydus in a guest over virtio-fs", f"{mbit:g} Mbit/s", "not measured yet", "", "", ""])
+    print()
+    print(render_table(["mode", "link", "first output", "fetched", "of image", "(a)/(b)"], rows,
+                       markdown=args.markdown))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"image": meta, "rtt_ms": args.rtt_ms, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
