@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 
 from tests.functional.oci_helpers import (LOWER, UPPER, need, skopeo_push, skopeo_raw, tar_bytes, two_layer_image,
                                           write_oci_layout)
-from tests.functional.registry_helpers import DockerRegistry, TokenServer
+from tests.functional.registry_helpers import DockerRegistry, TokenServer, make_ca
 
 NYDUSIFY = [sys.executable, "-m", "nydus_vfs.cli.nydusify"]
 NYDUS_IMAGE = [sys.executable, "-m", "nydus_vfs.cli.nydus_image"]
@@ -200,6 +200,43 @@ def test_second_conversion_skips_existing_blobs_and_gives_the_same_manifest(regi
     out = r.stdout.decode()
     assert out.count("already in the target, skipped") == 3 and " pushed " not in out
     assert skopeo_raw(f"{registry.host}/again:again-2") == first
+
+
+def test_chunked_push_gives_the_same_image(registry, source, tmp_path):
+    _converted(registry, source, tmp_path, "mono", repo="chunk-a")
+    _converted(registry, source, tmp_path, "chunked", "--push-chunk-size", "1MB", repo="chunk-b")
+    assert skopeo_raw(f"{registry.host}/chunk-a:mono") == skopeo_raw(f"{registry.host}/chunk-b:chunked")
+    r = nydusify("check", "--target", f"{registry.host}/chunk-b:chunked", "--source", f"{registry.host}/app:v1",
+                 "--plain-http", "--work-dir", str(tmp_path / "check"))
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_insecure_falls_back_to_plain_http(registry, source, tmp_path):
+    r = nydusify("convert", "--source", f"{registry.host}/app:v1", "--target", f"{registry.host}/insecure:v1",
+                 "--source-insecure", "--target-insecure", "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert "falling back to plain HTTP" in r.stderr.decode()
+    assert skopeo_raw(f"{registry.host}/insecure:v1")["layers"][-1]["annotations"][
+        "containerd.io/snapshot/nydus-bootstrap"] == "true"
+
+
+def test_tls_registry_needs_insecure_or_a_trusted_ca(tmp_path):
+    ca, cert, key = make_ca(tmp_path)
+    with DockerRegistry(tmp_path, tls=(cert, key)) as reg:
+        layout = tmp_path / "layout"
+        write_oci_layout(layout, "v1", [tar_bytes(UPPER)])
+        skopeo_push(layout, "v1", f"{reg.host}/tls:v1")
+        args = ["convert", "--source", f"{reg.host}/tls:v1", "--target", f"{reg.host}/tls:v1-nydus",
+                "--work-dir", str(tmp_path / "w")]
+        r = nydusify(*args)
+        assert r.returncode == 1 and "TLS certificate not trusted" in r.stderr.decode()
+        assert skopeo_raw(f"{reg.host}/tls:v1-nydus") is None
+        r = nydusify(*args, "--source-insecure", "--target-insecure")
+        assert r.returncode == 0, r.stderr.decode()
+        r = nydusify(*args[:-2], "--target", f"{reg.host}/tls:v1-ca", "--work-dir", str(tmp_path / "w2"),
+                     env={"SSL_CERT_FILE": str(ca)})
+        assert r.returncode == 0, r.stderr.decode()
+        assert skopeo_raw(f"{reg.host}/tls:v1-ca") == skopeo_raw(f"{reg.host}/tls:v1-nydus")
 
 
 def test_docker_source_keeps_docker_media_types_unless_oci(registry, source, tmp_path):
