@@ -41,7 +41,7 @@ from nydus_vfs.storage.backend._registry_auth import RegistryAuth
 
 __all__ = [
     "DockerRegistry", "TokenServer", "Nginx", "Tinyproxy", "MotoS3", "free_port", "make_ca",
-    "make_signing_cert", "push_blob", "need", "wait_port", "FaultProxy",
+    "make_signing_cert", "push_blob", "need", "wait_port", "FaultProxy", "StaticServer",
 ]
 
 
@@ -575,6 +575,53 @@ class FaultProxy:
             loop.close()
 
         self._thread = threading.Thread(target=main, daemon=True, name="fault-proxy")
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+class StaticServer:
+    """Plain files of ``root`` at ``http://127.0.0.1:<port>/<prefix>/<name>`` (ranges, HEAD), on a thread."""
+
+    def __init__(self, root: pathlib.Path, prefix: str = "/blobs") -> None:
+        self.root, self.prefix = root, prefix
+        self.port = free_port()
+        self.requests: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> StaticServer:
+        import threading
+
+        @web.middleware
+        async def record(request: web.Request, handler):
+            self.requests.append(f"{request.method} {request.path} {request.headers.get('Range', '')}")
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
+        app.router.add_static(self.prefix, self.root)
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True, name="static-server")
         self._thread.start()
         ready.wait(10)
         return self

@@ -30,6 +30,7 @@ from tests.functional.registry_helpers import (
     FaultProxy,
     MotoS3,
     Nginx,
+    StaticServer,
     Tinyproxy,
     TokenServer,
     make_ca,
@@ -185,6 +186,48 @@ def test_s3_http_proxy_and_forward_proxy_mounts(tmp_path, rich_image):
             d.stop()
         assert proxy.proxied("/blobs/sha256:") >= 1
         assert "falling back to a direct request" in d.logtext()
+
+
+def test_http_proxy_backend_mount_v2_config(tmp_path, rich_image):
+    src, boot, blobs = rich_image
+    blob_dir = tmp_path / "served"
+    blob_dir.mkdir()
+    for blob_id, data in blobs.items():
+        (blob_dir / blob_id).write_bytes(data)
+    with StaticServer(blob_dir, prefix="/store/blobs") as static:
+        cfg = tmp_path / "v2.json"
+        cfg.write_text(json.dumps({
+            "version": 2,
+            "backend": {"type": "http-proxy", "http-proxy": {"addr": static.url, "path": "/store/blobs"}},
+            "cache": {"type": "blobcache", "filecache": {"work_dir": str(tmp_path / "cache")}},
+            "rafs": {"mode": "direct", "validate": True, "enable_xattr": True}}))
+        d = _mount(tmp_path, boot, cfg)
+        try:
+            _check_tree(src, d)
+        finally:
+            d.stop()
+        assert any(r.startswith("GET /store/blobs/") and "bytes=" in r for r in static.requests)
+
+
+def test_restart_with_the_same_cache_makes_no_backend_request(tmp_path, rich_image):
+    src, boot, blobs = rich_image
+    with DockerRegistry(tmp_path) as reg:
+        for data in blobs.values():
+            reg.push(REPO, data)
+        cfg = _config(tmp_path / "c.json", _registry_backend(reg.host), tmp_path / "cache")
+        d = _mount(tmp_path, boot, cfg)
+        try:
+            _check_tree(src, d)
+        finally:
+            d.stop()
+        fetched = reg.blob_gets()
+        assert fetched > 0
+        d = _mount(tmp_path, boot, cfg)
+        try:
+            _check_tree(src, d)
+        finally:
+            d.stop()
+        assert reg.blob_gets() == fetched, "a restarted daemon must serve everything from its cache"
 
 
 @pytest.fixture(scope="module")
