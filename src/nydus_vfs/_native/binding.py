@@ -81,6 +81,9 @@ PF_MQ = 0
 PF_REPLY_ACK = 3
 PF_CONFIGURE_MEM_SLOTS = 15
 
+#: Requests longer than this are returned as views of the shim's copy (see Device.pop).
+_VIEW_MIN = 16 << 10
+
 _BUILD_HINT = (
     "build it with `pip install -e .` from the project root (needs a C compiler, "
     "the Python headers (python3-dev) and cffi)"
@@ -301,7 +304,9 @@ class Device:
 
         Returns ``(requests, status)``: each request is ``(head, data, out_cap,
         flags, in_total)`` where ``data`` is the private copy of the readable
-        part, and ``status`` holds ``POP_*`` bits.
+        part (``bytes`` up to 16 KiB; above that a cffi buffer over the
+        shim's copy, valid until the request is pushed: a WRITE's data reaches
+        ``pwrite`` without a copy in Python), and ``status`` holds ``POP_*`` bits.
         """
         n_max = self.batch if max_requests is None else min(max_requests, self.batch)
         reqs = self._reqs
@@ -309,10 +314,15 @@ class Device:
         if n < 0:
             _check(n, self._dev)
         unpack = ffi.unpack
+        buffer = ffi.buffer
         out = []
         for i in range(n):
             r = reqs[i]
-            out.append((r.head, unpack(r.data, r.in_len), r.out_cap, r.flags, r.in_total))
+            ln = r.in_len
+            # Large requests (WRITE data) are handed over as a view of the shim's
+            # private copy instead of a second copy in Python; it lives until push.
+            data = unpack(r.data, ln) if ln <= _VIEW_MIN else buffer(r.data, ln)
+            out.append((r.head, data, r.out_cap, r.flags, r.in_total))
         return out, self._status[0]
 
     def complete(self, q: int, head: int, data: Any) -> None:

@@ -336,6 +336,13 @@ class Vfs(Operations):
         a = self._attr_cache.get(nodeid)
         if a is not None:
             return a
+        idx = nodeid >> _INDEX_SHIFT
+        fs = self._instances.get(idx) if idx else None
+        if fs is not None and not fs.immutable:
+            # A mutable instance's inode (never memoised): the direct route.
+            a = fs.getattr(nodeid & _LOCAL_MASK, fh, ctx)
+            a.ino = nodeid
+            return a
         fs, local = self._resolve(nodeid)
         if fs is None:
             return self._pseudo[local].attr
