@@ -10,7 +10,9 @@ Credentials come from ``$DOCKER_CONFIG/config.json`` (default
 ``~/.docker/config.json``).  Progress goes to stdout: one line per event when
 stdout is not a terminal, a live per-layer block when it is.  Exit status 0
 on success, 1 on any error (the message names the layer, blob or registry
-answer).  Not here (yet): ``--backend-type oss|s3`` pushes, ``--oci-ref``
+answer).  ``--backend-type s3 --backend-config JSON`` puts the data blobs in
+an S3 bucket (nydusd's s3 backend config) and only the bootstrap layer in the
+registry.  Not here (yet): OSS pushes, ``--oci-ref``
 (zran), build caches, chunk dictionaries from registries, ``--reverse``.
 """
 
@@ -31,7 +33,7 @@ from typing import Sequence
 
 from .._version import version_text
 from ..convert import (CheckOptions, ConvertOptions, Reference, check_image, convert_image, docker_credentials,
-                       fetch_nydus_bootstrap, host_platform)
+                       fetch_nydus_bootstrap, host_platform, object_store_from_config)
 from ..errors import NydusError
 from ..utils.logging import setup_logging
 
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--push-chunk-size", type=_mb, default=0, help="push blobs in chunks of this size (e.g. 16MB)")
     c.add_argument("--concurrency", type=int, default=0, help="layers converted at once (default: CPUs, max 4)")
     c.add_argument("--output-json", default=_env("OUTPUT_JSON"), help="write conversion metrics to this file")
+    _backend_flags(c, "")
 
     k = sub.add_parser("check", parents=[common], help="check a Nydus image",
                        description="Check the manifest, bootstrap and blobs of a Nydus image, and optionally "
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plain-http", action="store_true", default=bool(_env("PLAIN_HTTP")))
     k.add_argument("--platform", default=None, help=f"platform to check (default: {host_platform()})")
     k.add_argument("--work-dir", default=_env("WORK_DIR", "./output"))
+    _backend_flags(k, "target-")
 
     m = sub.add_parser("mount", aliases=["view"], parents=[common], help="mount a Nydus image with nydusd",
                        description="Mount a Nydus image from its registry with nydusd (FUSE) until interrupted")
@@ -123,6 +127,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--nydusd", default=_env("NYDUSD"), help="nydusd command (default: this package's nydusd)")
     m.add_argument("--prefetch", action="store_true", help="prefetch the whole image")
     return p
+
+
+def _backend_flags(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument(f"--{prefix}backend-type", dest="backend_type", default=None, choices=("s3",),
+                   help="push/read the data blobs to/from this storage instead of the registry")
+    p.add_argument(f"--{prefix}backend-config", dest="backend_config", default=None,
+                   help="the backend's JSON config, as nydusd's backend.config")
+    p.add_argument(f"--{prefix}backend-config-file", dest="backend_config_file", default=None,
+                   help="file holding the backend's JSON config")
+
+
+def _backend(args: argparse.Namespace):
+    if not args.backend_type:
+        if args.backend_config or args.backend_config_file:
+            raise _UsageError("--backend-config needs --backend-type")
+        return None
+    text = args.backend_config
+    if args.backend_config_file:
+        if text:
+            raise _UsageError("--backend-config conflicts with --backend-config-file")
+        try:
+            with open(args.backend_config_file) as f:
+                text = f.read()
+        except OSError as exc:
+            raise _UsageError(f"--backend-config-file {args.backend_config_file!r}: {exc.strerror}") from None
+    if not text:
+        raise _UsageError("--backend-type needs --backend-config or --backend-config-file")
+    return object_store_from_config(args.backend_type, text)
 
 
 class _ProgressPrinter:
@@ -172,7 +204,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                           prefetch_patterns=patterns, platforms=args.platform or [],
                           all_platforms=args.all_platforms, merge_platform=args.merge_platform, oci=args.oci,
                           work_dir=args.work_dir, push_chunk_size=args.push_chunk_size,
-                          concurrency=args.concurrency)
+                          concurrency=args.concurrency, backend=_backend(args))
     result = asyncio.run(convert_image(opts, _ProgressPrinter()))
     log.info("converted %s to %s (%s): source %d bytes, target %d bytes, %.3f s", source, result.target,
              result.manifest_digest, result.source_size, result.target_size, result.elapsed_ns / 1e9)
@@ -188,7 +220,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     opts = CheckOptions(target=_require(args.target, "--target"), source=args.source,
                         target_insecure=args.target_insecure, source_insecure=args.source_insecure,
-                        plain_http=args.plain_http, platform=args.platform, work_dir=args.work_dir)
+                        plain_http=args.plain_http, platform=args.platform, work_dir=args.work_dir,
+                        backend=_backend(args))
     asyncio.run(check_image(opts, _ProgressPrinter()))
     log.info("verified Nydus image %s", opts.target)
     return 0

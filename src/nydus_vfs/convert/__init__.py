@@ -28,6 +28,8 @@ from ._image import check_image as check_image
 from ._image import convert_image as convert_image
 from ._image import fetch_nydus_bootstrap as fetch_nydus_bootstrap
 from ._image import host_platform as host_platform
+from ._object_store import S3BlobStore as S3BlobStore
+from ._object_store import object_store_from_config as object_store_from_config
 from ._pack import PackResult as PackResult
 from ._pack import blob_meta_file as blob_meta_file
 from ._pack import merge as merge
@@ -98,4 +100,6 @@ __all__ = [
     "check_image",
     "fetch_nydus_bootstrap",
     "host_platform",
+    "S3BlobStore",
+    "object_store_from_config",
 ]

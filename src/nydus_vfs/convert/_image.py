@@ -53,8 +53,8 @@ from ._pack import merge, pack
 from ._tree import FileTree, diff_trees
 from ._types import (BOOTSTRAP_FILE_NAME_IN_LAYER, LAYER_ANNOTATION_FS_VERSION, LAYER_ANNOTATION_NYDUS_BLOB,
                      LAYER_ANNOTATION_NYDUS_BOOTSTRAP, LAYER_ANNOTATION_UNCOMPRESSED, MANIFEST_OS_FEATURE_NYDUS,
-                     MEDIA_TYPE_NYDUS_BLOB, MEDIA_TYPE_NYDUS_CONFIG, MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT, Layer,
-                     MergeOption, PackOption)
+                     MEDIA_TYPE_NYDUS_BLOB, MEDIA_TYPE_NYDUS_CONFIG, MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT, Backend,
+                     Layer, MergeOption, PackOption)
 
 __all__ = ["ConvertOptions", "ConvertResult", "CheckOptions", "convert_image", "check_image", "host_platform",
            "fetch_nydus_bootstrap", "OCI_LAYER_GZIP", "DOCKER_LAYER_GZIP"]
@@ -101,6 +101,9 @@ class ConvertOptions:
     work_dir: str = "./tmp"
     push_chunk_size: int = 0
     concurrency: int = 0
+    #: Blob store for the data blobs (``--backend-type``): they go there and the manifest keeps only the
+    #: bootstrap layer (§5.4).
+    backend: Backend | None = None
 
 
 @dataclass
@@ -223,6 +226,21 @@ class _Converter:
             self.progress(label, f"pushed {digest[:19]} ({size} bytes)")
         self.pushed_blobs.add(digest)
 
+    async def push_to_backend(self, path: str, digest: str, size: int, label: str) -> None:
+        backend = self.opts.backend
+        assert backend is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, backend.check, digest)
+            self.skipped += 1
+            self.progress(label, f"blob {digest[:19]} already in the {backend.type()} backend, skipped")
+            return
+        except FileNotFoundError:
+            pass
+        await loop.run_in_executor(None, backend.push, path, digest)
+        self.pushed += 1
+        self.progress(label, f"pushed {digest[:19]} ({size} bytes) to the {backend.type()} backend")
+
     async def _convert_layer(self, index: int, count: int, desc: dict) -> _Packed:
         digest = desc.get("digest", "")
         label = f"layer {index + 1}/{count} {digest[:19]}"
@@ -242,7 +260,10 @@ class _Converter:
             if self.opts.merge_platform:
                 await self.push_file(src_path, digest, size, label + " (source)")
             os.unlink(src_path)
-            await self.push_file(out, res.digest, res.size, label)
+            if self.opts.backend is not None:
+                await self.push_to_backend(out, res.digest, res.size, label)
+            else:
+                await self.push_file(out, res.digest, res.size, label)
             return _Packed(res.digest, res.size, out, digest)
         except ConvertError as exc:
             raise ConvertError(f"{label}: {exc}") from None
@@ -299,9 +320,10 @@ class _Converter:
             p = by_digest.get(d)
             if p is None:
                 raise ConvertError(f"{what}: the merged bootstrap names blob {d}, which no layer produced")
-            new_layers.append({"mediaType": MEDIA_TYPE_NYDUS_BLOB, "digest": d, "size": p.size,
-                               "annotations": {LAYER_ANNOTATION_NYDUS_BLOB: "true"}})
             self.target_size += p.size
+            if self.opts.backend is None:   # with a blob store the manifest keeps only the bootstrap layer
+                new_layers.append({"mediaType": MEDIA_TYPE_NYDUS_BLOB, "digest": d, "size": p.size,
+                                   "annotations": {LAYER_ANNOTATION_NYDUS_BLOB: "true"}})
         new_layers.append({"mediaType": DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP, "digest": boot_digest,
                            "size": boot_size,
                            "annotations": {LAYER_ANNOTATION_NYDUS_BOOTSTRAP: "true",
@@ -310,8 +332,9 @@ class _Converter:
         for layer in new_layers:
             layer["annotations"].pop(LAYER_ANNOTATION_UNCOMPRESSED, None)
         new_config = copy.deepcopy(config)
+        blob_diff_ids = list(used) if self.opts.backend is None else []
         new_config["rootfs"] = {"type": "layers",
-                                "diff_ids": list(used) + ["sha256:" + hashlib.sha256(boot_tar).hexdigest()]}
+                                "diff_ids": blob_diff_ids + ["sha256:" + hashlib.sha256(boot_tar).hexdigest()]}
         history = new_config.get("history")
         if not isinstance(history, list):
             history = []
@@ -429,6 +452,8 @@ class CheckOptions:
     plain_http: bool = False
     platform: str | None = None
     work_dir: str = "./output"
+    #: Where the data blobs are when the image was converted with ``--backend-type``.
+    backend: Backend | None = None
 
 
 async def _pick_manifest(client: RegistryClient, ref: Reference, platform: str, *, nydus: bool | None
@@ -519,6 +544,9 @@ async def check_image(opts: CheckOptions, progress: Progress | None = None) -> l
             say("check", report[-1])
             layers = manifest["layers"]
             boot_desc = layers[-1]
+            if opts.backend is not None and len(layers) > 1:
+                raise ConvertError(f"{target}: has blob layers although its blobs are said to be in the "
+                                   f"{opts.backend.type()} backend")
             boot_gz = await tc.get_blob(target.repository, boot_desc["digest"], max_size=1 << 30)
             boot_tar = gzip.decompress(boot_gz)
             diff_ids = config["rootfs"]["diff_ids"]
@@ -537,22 +565,32 @@ async def check_image(opts: CheckOptions, progress: Progress | None = None) -> l
                                    f"{want_fs}")
             blob_ids = ["sha256:" + b.blob_id for b in result.blobs]
             layer_digests = [d["digest"] for d in layers[:-1]]
-            if sorted(blob_ids) != sorted(layer_digests):
+            if opts.backend is not None:
+                for b in blob_ids:
+                    try:
+                        await asyncio.get_running_loop().run_in_executor(None, opts.backend.check, b)
+                    except FileNotFoundError:
+                        raise ConvertError(f"{target}: blob {b} is missing from the {opts.backend.type()} "
+                                           "backend") from None
+                report.append(f"blobs: all {len(blob_ids)} present in the {opts.backend.type()} backend")
+                say("check", report[-1])
+            elif sorted(blob_ids) != sorted(layer_digests):
                 raise ConvertError(f"{target}: the bootstrap's blobs {blob_ids} are not the manifest's blob layers "
                                    f"{layer_digests}")
             report.append(f"bootstrap: RAFS v{result.fs_version}, {result.inodes} inodes, valid; blobs = blob layers")
             say("check", report[-1])
-            for d in layers[:-1]:
+            for d in layers[:-1] if opts.backend is None else ():
                 size = await tc.blob_exists(target.repository, d["digest"])
                 if size is None:
                     raise ConvertError(f"{target}: blob layer {d['digest']} is missing from the registry")
                 if size >= 0 and size != d.get("size"):
                     raise ConvertError(f"{target}: blob layer {d['digest']} is {size} bytes, the manifest says "
                                        f"{d.get('size')}")
-            report.append(f"blobs: all {len(layers) - 1} present with their sizes")
-            say("check", report[-1])
+            if opts.backend is None:
+                report.append(f"blobs: all {len(layers) - 1} present with their sizes")
+                say("check", report[-1])
             if opts.source:
-                report.append(await _compare_with_source(session, opts, tc, target, layers, boot_path, work,
+                report.append(await _compare_with_source(session, opts, tc, target, blob_ids, boot_path, work,
                                                          platform))
                 say("check", report[-1])
             with open(os.path.join(work, "nydus_manifest.json"), "wb") as f:
@@ -563,7 +601,7 @@ async def check_image(opts: CheckOptions, progress: Progress | None = None) -> l
 
 
 async def _compare_with_source(session, opts: CheckOptions, tc: RegistryClient, target: Reference,
-                               layers: list[dict], boot_path: str, work: str, platform: str) -> str:
+                               blob_ids: list[str], boot_path: str, work: str, platform: str) -> str:
     source = Reference.parse(opts.source)  # type: ignore[arg-type]
     sc = RegistryClient(session, source.registry, plain_http=opts.plain_http, insecure=opts.source_insecure)
     smanifest, _, sdigest = await _pick_manifest(sc, source, platform, nydus=False)
@@ -578,8 +616,15 @@ async def _compare_with_source(session, opts: CheckOptions, tc: RegistryClient, 
         os.unlink(path)
     blob_dir = os.path.join(work, "blobs")
     os.makedirs(blob_dir, exist_ok=True)
-    for d in layers[:-1]:
-        await tc.download_blob(target.repository, d["digest"], os.path.join(blob_dir, d["digest"].split(":")[1]))
+    for b in blob_ids:
+        dest = os.path.join(blob_dir, b.split(":")[1])
+        if opts.backend is not None:
+            fetch = getattr(opts.backend, "fetch", None)
+            if fetch is None:
+                raise ConvertError(f"cannot read blobs back from the {opts.backend.type()} backend")
+            await asyncio.get_running_loop().run_in_executor(None, fetch, b, dest)
+        else:
+            await tc.download_blob(target.repository, b, dest)
     out = os.path.join(work, "nydus.tar")
     loop = asyncio.get_running_loop()
     try:
