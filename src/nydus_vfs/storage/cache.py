@@ -61,7 +61,7 @@ _SEEK_END = os.SEEK_END
 # RAFS v6 caps a blob's uncompressed size at 2^44 (rafs-format.md §2.5).
 _MAX_DATA_SIZE = 1 << 44
 # Largest ci table accepted from a (possibly hostile) blob table entry.
-_MAX_META = 1 << 30
+_MAX_META = 64 << 20
 
 #: Accepted ``cache.type`` values (nydusd rejects anything else, ``dummy`` included).
 CACHE_KINDS = ("blobcache", "filecache", "dummycache", "")
