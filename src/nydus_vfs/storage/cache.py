@@ -349,7 +349,10 @@ class BlobCacheFile:
             del self.unsynced[key]
             self._unsynced_bytes -= chunk.uncompressed_size
             if exc is None:
-                self.map.set_ready(chunk)
+                try:
+                    self.map.set_ready(chunk)
+                except StorageError as bad:  # a record the map cannot hold: never claim it
+                    log.warning("%s", bad)
         if exc is None and batch:
             self._recovered()
         if not self.unsynced:

@@ -583,13 +583,18 @@ class BlobDevice:
         blob = self.blobs[index]
         flights = self._states[index].flights
         claimed = []
+        cache = self._states[index].cache
         for chunk in chunks:
-            if chunk.blob_index != index or self.is_cached(chunk):
+            if chunk.blob_index != index:
                 continue
             try:
                 check_chunk(blob, chunk)
+                if cache is not None and cache.is_cached(chunk):  # raises for an index outside the map
+                    continue
             except StorageError as exc:
                 self._report(index, chunk, exc)
+                continue
+            if cache is None and self.is_cached(chunk):
                 continue
             flight = flights.try_lead((chunk.uncompressed_offset, chunk.uncompressed_size))
             if flight is not None:

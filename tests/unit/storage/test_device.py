@@ -839,3 +839,14 @@ def test_big_merged_local_reads_run_off_the_loop_and_land_in_the_cache(tmp_path)
     assert [read(device, whole(c)) for c in sb.chunks] == sb.plain
     assert local.metrics.read_count == 1
     device.close()
+
+
+def test_merged_fetch_skips_a_chunk_index_outside_the_map(tmp_path, caplog):
+    sb = make_blob([b"a" * 3000, b"b" * 3000])
+    bad = dataclasses.replace(sb.chunks[1], index=99)
+    backend = memory_backend(sb)
+    device = BlobLayer().open_device([sb.info], backend, filecache(tmp_path))
+    with caplog.at_level(logging.ERROR, logger="nydus_vfs.storage"):
+        stats = run(device.fetch_chunks(0, [sb.chunks[0], bad], 1 << 20))
+    assert stats.chunks == 1 and "outside the blob's 2 chunks" in caplog.text
+    device.close()
