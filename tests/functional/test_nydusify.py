@@ -52,6 +52,14 @@ def source(registry, tmp_path_factory):
     return layout
 
 
+@pytest.fixture(scope="module")
+def nydus_v1(registry, source, tmp_path_factory):
+    """app:v1 converted once to app:v1-nydus; (stdout of the conversion, its --output-json document)."""
+    tmp = tmp_path_factory.mktemp("v1-nydus")
+    r = _converted(registry, source, tmp, "v1-nydus")
+    return r.stdout.decode(), json.loads((tmp / "metrics.json").read_text())
+
+
 def nydusify(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(NYDUSIFY + list(args), capture_output=True, timeout=300, cwd=cwd,
                           env={**os.environ, **(env or {})})
@@ -71,13 +79,11 @@ def _converted(registry, source, tmp_path, tag: str, *extra: str, repo: str = "a
     return r
 
 
-def test_convert_two_layer_image_manifest_annotations_and_check(registry, source, tmp_path):
-    r = _converted(registry, source, tmp_path, "v1-nydus")
-    out = r.stdout.decode()
+def test_convert_two_layer_image_manifest_annotations_and_check(registry, nydus_v1, tmp_path):
+    out, metrics = nydus_v1
     # stdout is a pipe: plain progress lines, one per event, naming the layer.
     assert "layer 1/2 sha256:" in out and "layer 2/2 sha256:" in out and "pushed" in out
     assert "\x1b[" not in out
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"SourceImageSize", "TargetImageSize", "ConversionElapsed"}
     src_manifest = skopeo_raw(f"{registry.host}/app:v1")
     assert metrics["SourceImageSize"] == sum(d["size"] for d in src_manifest["layers"])
@@ -157,11 +163,10 @@ def _tree_of_tar(path: str) -> dict:
     return out
 
 
-def test_bootstrap_is_valid_and_the_image_equals_the_umoci_unpacked_source(registry, source, tmp_path):
+def test_bootstrap_is_valid_and_the_image_equals_the_umoci_unpacked_source(registry, source, nydus_v1, tmp_path):
     need("umoci")
     if os.geteuid() != 0:
         pytest.skip("umoci unpack of a device node needs root")
-    _converted(registry, source, tmp_path, "v1-nydus")
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
     # Fetch everything by plain HTTP, independently of nydusify.
@@ -280,8 +285,30 @@ def test_merge_platform_pushes_an_index_with_both_manifests(registry, source, tm
     assert r.returncode == 0, r.stderr.decode()
 
 
-def test_check_fails_against_a_different_source(registry, source, tmp_path):
-    _converted(registry, source, tmp_path, "v1-nydus")
+def test_copy_a_nydus_image_and_a_merged_index(registry, source, nydus_v1, tmp_path):
+    r = nydusify("copy", "--source", f"{registry.host}/app:v1-nydus", "--target", f"{registry.host}/copied:v1",
+                 "--plain-http", "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert skopeo_raw(f"{registry.host}/copied:v1") == skopeo_raw(f"{registry.host}/app:v1-nydus")
+    r = nydusify("check", "--target", f"{registry.host}/copied:v1", "--plain-http", "--work-dir", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr.decode()
+    # Again: every blob is already there.
+    r = nydusify("copy", "--source", f"{registry.host}/app:v1-nydus", "--target", f"{registry.host}/copied:v2",
+                 "--plain-http", "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 0 and r.stdout.decode().count("already in the target") == 4
+    # A merged index, whole.
+    _converted(registry, source, tmp_path, "merged", "--merge-platform", repo="tocopy")
+    r = nydusify("copy", "--source", f"{registry.host}/tocopy:merged", "--target", f"{registry.host}/copied:idx",
+                 "--all-platforms", "--plain-http", "--work-dir", str(tmp_path / "w"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert skopeo_raw(f"{registry.host}/copied:idx") == skopeo_raw(f"{registry.host}/tocopy:merged")
+    r = nydusify("check", "--target", f"{registry.host}/copied:idx", "--source", f"{registry.host}/app:v1",
+                 "--plain-http", "--work-dir", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr.decode()
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_check_fails_against_a_different_source(registry, source, nydus_v1, tmp_path):
     other = tmp_path / "other"
     write_oci_layout(other, "v1", [tar_bytes(LOWER)])   # only the lower layer
     skopeo_push(other, "v1", f"{registry.host}/other:v1")
@@ -487,10 +514,9 @@ def _stop(proc: subprocess.Popen, mnt) -> int:
     return proc.returncode
 
 
-def test_nydusify_mount_from_the_registry_equals_the_umoci_tree(registry, source, tmp_path):
+def test_nydusify_mount_from_the_registry_equals_the_umoci_tree(registry, source, nydus_v1, tmp_path):
     _need_fuse()
     need("umoci")
-    _converted(registry, source, tmp_path, "v1-nydus")
     r = subprocess.run(["umoci", "unpack", "--image", f"{source}:v1", str(tmp_path / "bundle")],
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
@@ -512,10 +538,9 @@ def test_nydusify_mount_from_the_registry_equals_the_umoci_tree(registry, source
     assert os.listdir(tmp_path / "mw") == []
 
 
-def test_backend_proxy_serves_converted_blobs_to_nydusd(registry, source, tmp_path):
+def test_backend_proxy_serves_converted_blobs_to_nydusd(registry, source, nydus_v1, tmp_path):
     """nydus-backend-proxy over a dir of layer blobs, nydusd's registry backend (http, one-segment repo)."""
     _need_fuse()
-    _converted(registry, source, tmp_path, "v1-nydus")
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
     blob_dir = tmp_path / "blobs"
@@ -558,11 +583,11 @@ def test_backend_proxy_serves_converted_blobs_to_nydusd(registry, source, tmp_pa
         proxy.wait(10)
 
 
-def test_converted_blobs_mounted_by_nydusd_from_a_blob_dir_equal_the_umoci_tree(registry, source, tmp_path):
+def test_converted_blobs_mounted_by_nydusd_from_a_blob_dir_equal_the_umoci_tree(registry, source, nydus_v1,
+                                                                                 tmp_path):
     """The same check with the layer blobs fetched by plain HTTP into a localfs dir (no registry backend needed)."""
     _need_fuse()
     need("umoci")
-    _converted(registry, source, tmp_path, "v1-nydus")
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
     blob_dir = tmp_path / "blobs"

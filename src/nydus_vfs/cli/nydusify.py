@@ -3,6 +3,7 @@
     nydusify convert --source REG/REPO:TAG --target REG/REPO:TAG-nydus [--plain-http] [--fs-version 6] ...
     nydusify check   --target REG/REPO:TAG-nydus [--source REG/REPO:TAG]
     nydusify mount   --target REG/REPO:TAG-nydus --mount-path DIR
+    nydusify copy    --source REG/REPO:TAG --target REG2/REPO:TAG [--all-platforms]
 
 Flags keep upstream's names; most also read the upper-case environment
 variable upstream reads (``SOURCE``, ``TARGET``, ``WORK_DIR``, ...).
@@ -32,8 +33,8 @@ import tempfile
 from typing import Sequence
 
 from .._version import version_text
-from ..convert import (CheckOptions, ConvertOptions, Reference, check_image, convert_image, docker_credentials,
-                       fetch_nydus_bootstrap, host_platform, object_store_from_config)
+from ..convert import (CheckOptions, ConvertOptions, Reference, check_image, convert_image, copy_image,
+                       docker_credentials, fetch_nydus_bootstrap, host_platform, object_store_from_config)
 from ..errors import NydusError
 from ..utils.logging import setup_logging
 
@@ -115,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--platform", default=None, help=f"platform to check (default: {host_platform()})")
     k.add_argument("--work-dir", default=_env("WORK_DIR", "./output"))
     _backend_flags(k, "target-")
+
+    y = sub.add_parser("copy", parents=[common], help="copy an image (OCI or Nydus) between registries",
+                       description="Copy an image (OCI or Nydus, manifest or index) between registries")
+    y.add_argument("--source", default=_env("SOURCE"), help="source image reference")
+    y.add_argument("--target", default=_env("TARGET"), help="target image reference")
+    y.add_argument("--source-insecure", action="store_true")
+    y.add_argument("--target-insecure", action="store_true")
+    y.add_argument("--plain-http", action="store_true", default=bool(_env("PLAIN_HTTP")))
+    y.add_argument("--platform", action="append", default=None, help="platform to copy from an index")
+    y.add_argument("--all-platforms", action="store_true", help="copy the whole index")
+    y.add_argument("--push-chunk-size", type=_mb, default=0)
+    y.add_argument("--work-dir", default=_env("WORK_DIR", "./tmp"))
 
     m = sub.add_parser("mount", aliases=["view"], parents=[common], help="mount a Nydus image with nydusd",
                        description="Mount a Nydus image from its registry with nydusd (FUSE) until interrupted")
@@ -217,6 +230,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_copy(args: argparse.Namespace) -> int:
+    digest = asyncio.run(copy_image(_require(args.source, "--source"), _require(args.target, "--target"),
+                                    source_insecure=args.source_insecure, target_insecure=args.target_insecure,
+                                    plain_http=args.plain_http, platforms=args.platform or [],
+                                    all_platforms=args.all_platforms, work_dir=args.work_dir,
+                                    push_chunk_size=args.push_chunk_size, progress=_ProgressPrinter()))
+    log.info("copied %s to %s (%s)", args.source, args.target, digest)
+    return 0
+
+
 def _cmd_check(args: argparse.Namespace) -> int:
     opts = CheckOptions(target=_require(args.target, "--target"), source=args.source,
                         target_insecure=args.target_insecure, source_insecure=args.source_insecure,
@@ -272,7 +295,7 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
 
-_COMMANDS = {"convert": _cmd_convert, "check": _cmd_check, "mount": _cmd_mount, "view": _cmd_mount}
+_COMMANDS = {"convert": _cmd_convert, "check": _cmd_check, "copy": _cmd_copy, "mount": _cmd_mount, "view": _cmd_mount}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

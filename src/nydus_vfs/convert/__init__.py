@@ -26,6 +26,7 @@ from ._image import ConvertOptions as ConvertOptions
 from ._image import ConvertResult as ConvertResult
 from ._image import check_image as check_image
 from ._image import convert_image as convert_image
+from ._image import copy_image as copy_image
 from ._image import fetch_nydus_bootstrap as fetch_nydus_bootstrap
 from ._image import host_platform as host_platform
 from ._object_store import S3BlobStore as S3BlobStore
@@ -98,6 +99,7 @@ __all__ = [
     "CheckOptions",
     "convert_image",
     "check_image",
+    "copy_image",
     "fetch_nydus_bootstrap",
     "host_platform",
     "S3BlobStore",

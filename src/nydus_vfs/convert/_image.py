@@ -56,8 +56,8 @@ from ._types import (BOOTSTRAP_FILE_NAME_IN_LAYER, LAYER_ANNOTATION_FS_VERSION, 
                      MEDIA_TYPE_NYDUS_BLOB, MEDIA_TYPE_NYDUS_CONFIG, MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT, Backend,
                      Layer, MergeOption, PackOption)
 
-__all__ = ["ConvertOptions", "ConvertResult", "CheckOptions", "convert_image", "check_image", "host_platform",
-           "fetch_nydus_bootstrap", "OCI_LAYER_GZIP", "DOCKER_LAYER_GZIP"]
+__all__ = ["ConvertOptions", "ConvertResult", "CheckOptions", "convert_image", "check_image", "copy_image",
+           "host_platform", "fetch_nydus_bootstrap", "OCI_LAYER_GZIP", "DOCKER_LAYER_GZIP"]
 
 log = logging.getLogger("nydus_vfs.convert")
 
@@ -655,3 +655,68 @@ async def fetch_nydus_bootstrap(target: str, dest: str, *, plain_http: bool = Fa
     with open(dest, "wb") as f:
         f.write(data)
     return ref
+
+
+async def copy_image(source: str, target: str, *, source_insecure: bool = False, target_insecure: bool = False,
+                     plain_http: bool = False, platforms: list[str] | None = None, all_platforms: bool = False,
+                     work_dir: str = "./tmp", push_chunk_size: int = 0, progress: Progress | None = None) -> str:
+    """Copy an image (OCI or Nydus, manifest or index) between registries; returns the target's digest.
+
+    Blobs the target already has are skipped; child manifests are put by
+    digest and the tag last.  An index is copied whole with ``all_platforms``;
+    otherwise the manifest of the chosen platform (default the host's) is.
+    """
+    say = progress or (lambda label, text: None)
+    src, dst = Reference.parse(source), Reference.parse(target)
+    if dst.digest:
+        raise ConvertError(f"target {target!r} must be a tag, not a digest")
+    work = _work(work_dir)
+    try:
+        async with _session() as session:
+            sc = RegistryClient(session, src.registry, plain_http=plain_http, insecure=source_insecure)
+            tc = RegistryClient(session, dst.registry, plain_http=plain_http, insecure=target_insecure)
+
+            async def copy_blob(desc: dict, label: str) -> None:
+                digest = desc.get("digest", "")
+                if await tc.blob_exists(dst.repository, digest) is not None:
+                    say(label, f"{digest[:19]} already in the target, skipped")
+                    return
+                path = os.path.join(work, digest.replace(":", "-"))
+                size = await sc.download_blob(src.repository, digest, path)
+                await tc.push_blob(dst.repository, path, digest, size, chunk_size=push_chunk_size,
+                                   what=f"{label}: push blob {digest}")
+                os.unlink(path)
+                say(label, f"copied {digest[:19]} ({size} bytes)")
+
+            async def copy_manifest(body: bytes, media_type: str, ref: str, label: str) -> str:
+                doc = _loads(body, label)
+                blobs = [doc.get("config") or {}] + list(doc.get("layers") or [])
+                for i, d in enumerate(blobs):
+                    await copy_blob(d, f"{label} {'config' if i == 0 else f'layer {i}/{len(blobs) - 1}'}")
+                return await tc.put_manifest(dst.repository, ref, body, media_type)
+
+            body, media_type, digest = await sc.get_manifest(src.repository, src.ref)
+            if media_type in MANIFEST_TYPES:
+                final = await copy_manifest(body, media_type, dst.ref, str(src))
+            elif media_type in INDEX_TYPES:
+                index = _loads(body, f"index {src}")
+                entries = [m for m in index.get("manifests") or [] if isinstance(m, dict)]
+                if all_platforms:
+                    for m in entries:
+                        mbody, mtype, mdigest = await sc.get_manifest(src.repository, m.get("digest", ""))
+                        await copy_manifest(mbody, mtype, mdigest, f"{src} ({_platform_of(m)})")
+                    final = await tc.put_manifest(dst.repository, dst.ref, body, media_type)
+                else:
+                    wants = platforms or [host_platform()]
+                    chosen = [m for m in entries if any(_matches(w, _platform_of(m)) for w in wants)
+                              and m.get("artifactType") != MEDIA_TYPE_NYDUS_MANIFEST_ARTIFACT]
+                    if not chosen:
+                        raise ConvertError(f"{src}: no manifest for {', '.join(wants)}")
+                    mbody, mtype, _ = await sc.get_manifest(src.repository, chosen[0]["digest"])
+                    final = await copy_manifest(mbody, mtype, dst.ref, f"{src} ({_platform_of(chosen[0])})")
+            else:
+                raise ConvertError(f"{src}: unsupported manifest media type {media_type!r}")
+            say("manifest", f"{dst} -> {final}")
+            return final
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

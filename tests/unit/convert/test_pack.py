@@ -388,3 +388,32 @@ def test_corrupt_chunk_in_a_layer_fails_unpack_naming_the_chunk(tmp_path):
     with pytest.raises(ConvertError, match="chunk"):
         convert.unpack(path, str(tmp_path / "o.tar"))
     assert not (tmp_path / "o.tar").exists()
+
+
+def test_prefetch_patterns_become_the_bootstrap_prefetch_table(tmp_path):
+    from nydus_vfs.builder import inspect_request
+    path, _ = _pack(tmp_path, make_layer(LOWER), prefetch_patterns="/bin\n/etc/keep\nrelative-is-ignored\n")
+    (tmp_path / "boot").write_bytes(convert.read_layer_section(path, "image.boot"))
+    assert [e["path"] for e in inspect_request(str(tmp_path / "boot"), "prefetch")] == [["/bin"], ["/etc/keep"]]
+
+
+def test_chunk_dict_from_a_merged_bootstrap_deduplicates_across_images(tmp_path):
+    p1, r1 = _pack(tmp_path, make_layer(LOWER), name="l1")
+    convert.merge([convert.Layer(r1.digest, p1)], str(tmp_path / "dict.boot"))
+    shared = _data(CHUNK + 5, "sh")   # the same bytes as LOWER's bin/sh
+    layer2 = make_layer([("x", "dir", {}), ("x/sh-copy", "file", {"data": shared}),
+                         ("x/new", "file", {"data": b"new" * 1000})])
+    p_plain, r_plain = _pack(tmp_path, layer2, name="plain")
+    p2, r2 = _pack(tmp_path, layer2, name="l2", chunk_dict_path=str(tmp_path / "dict.boot"))
+    assert r2.size < r_plain.size - CHUNK   # the shared chunks are not stored again
+    digests = convert.merge([convert.Layer(r1.digest, p1), convert.Layer(r2.digest, p2)], str(tmp_path / "m"),
+                            convert.MergeOption(chunk_dict_path=str(tmp_path / "dict.boot")))
+    assert sorted(digests) == sorted([r1.digest, r2.digest])
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for d, p in ((r1.digest, p1), (r2.digest, p2)):
+        os.link(p, blobs / d[7:])
+    nydus_image.main(["unpack", str(tmp_path / "m"), "--blob-dir", str(blobs), "--output", str(tmp_path / "o.tar")])
+    with tarfile.open(tmp_path / "o.tar") as tf:
+        assert tf.extractfile("x/sh-copy").read() == shared
+        assert tf.extractfile("bin/sh").read() == shared
