@@ -54,6 +54,7 @@ DAX windows, ``security.*`` xattr remapping.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import functools
@@ -110,7 +111,11 @@ def _proc(fd: int) -> str:
 
 
 def _fs_errors(method):
-    """Turn an OSError of a system call into FsError(errno); FsError passes as is."""
+    """Turn an OSError of a system call into FsError(errno); FsError passes as is.
+
+    Values the guest chose that no system call can take (offsets beyond 2**63,
+    a mode that is not a C int) are EINVAL, not a filesystem bug.
+    """
     @functools.wraps(method)
     def wrapper(*args, **kw):
         try:
@@ -119,6 +124,8 @@ def _fs_errors(method):
             raise
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from None
+        except (OverflowError, ValueError, struct.error, ctypes.ArgumentError):
+            raise FsError(errno.EINVAL) from None
     return wrapper
 
 

@@ -530,3 +530,67 @@ def test_write_through_server_rejects_oversized_claims(guest):
     raw = bytearray(guest.f.write(e.nodeid, fh, 0, b"abc"))
     struct.pack_into("<I", raw, 40 + 16, 1 << 20)
     assert guest.errno_of(bytes(raw)) == errno.EINVAL
+
+
+# -- hostile arguments: never a crash, never outside the share -----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_U64 = st.one_of(st.integers(0, 16), st.integers(0, 2**64 - 1), st.sampled_from([2**63 - 1, 2**63, 2**64 - 1]))
+_NAMES = st.one_of(st.sampled_from([b"hello", b"sub", b"new", b"..", b".", b"x/y", b"a\0b", b"", b"n" * 256]),
+                   st.binary(min_size=1, max_size=12))
+
+
+@st.composite
+def _hostile_request(draw, f):
+    node = draw(st.one_of(st.sampled_from([1, 2, 3, (1 << 56) | 2, 0, 2**64 - 1]), _U64))
+    fh = draw(st.one_of(st.sampled_from([0, 1, 2, 3]), _U64))
+    off, size = draw(_U64), draw(_U64)
+    name, other = draw(_NAMES), draw(_NAMES)
+    which = draw(st.integers(0, 17))
+    return [
+        lambda: f.lookup(node, name), lambda: f.getattr(node, fh), lambda: f.open(node, draw(st.integers(0, 2**32 - 1))),
+        lambda: f.read(node, fh, off, size & 0xFFFFFFFF), lambda: f.write(node, fh, off, b"data"),
+        lambda: f.create(node, name, draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))),
+        lambda: f.mkdir(node, name, draw(st.integers(0, 2**32 - 1))), lambda: f.unlink(node, name),
+        lambda: f.rename(node, name, node, other, flags=draw(st.integers(0, 2**32 - 1))),
+        lambda: f.link(node, 1, name), lambda: f.symlink(node, name, other),
+        lambda: f.setattr(node, draw(st.integers(0, 2**32 - 1)), fh=fh, size=off, mode=draw(st.integers(0, 2**32 - 1)),
+                          atime=off, mtime=size, uid=7, gid=7),
+        lambda: f.fallocate(node, fh, off, size, draw(st.integers(0, 2**32 - 1))),
+        lambda: f.lseek(node, fh, off, draw(st.integers(0, 2**32 - 1))),
+        lambda: f.copy_file_range(node, fh, off, node, fh, size, off),
+        lambda: f.lock(Opcode.SETLK, node, fh, 1, off, size, draw(st.integers(0, 3))),
+        lambda: f.readdirplus(node, fh, off, 4096), lambda: f.mknod(node, name, draw(st.integers(0, 2**32 - 1))),
+    ][which]()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hostile_arguments_get_an_errno_never_a_crash(tmp_path_factory, data, caplog):
+    base = tmp_path_factory.mktemp("hostile")
+    shared = base / "shared"
+    shared.mkdir()
+    (shared / "hello").write_bytes(b"hello")
+    (shared / "sub").mkdir()
+    canary_dir = base / "canary"
+    canary_dir.mkdir()
+    (canary_dir / "secret").write_bytes(b"do not touch")
+    os.utime(canary_dir / "secret", ns=(1_000_000_000, 2_000_000_000))
+    os.utime(canary_dir, ns=(1_000_000_000, 2_000_000_000))
+    fs = PassthroughFs.from_path(str(shared))
+    try:
+        g = Guest(fs)
+        e = g.lookup(ROOT, b"hello")
+        g.open(e.nodeid, abi.O_RDWR)
+        g.payload(g.f.opendir(ROOT))
+        caplog.clear()
+        for _ in range(data.draw(st.integers(1, 8))):
+            reply = g.server.handle(data.draw(_hostile_request(g.f)))
+            assert reply is not None
+        bugs = [r for r in caplog.records if "filesystem bug" in r.getMessage()]
+        assert not bugs, bugs[0].getMessage()
+    finally:
+        fs.close()
+    canary_untouched(canary_dir)
