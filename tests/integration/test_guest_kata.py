@@ -2,7 +2,7 @@
 
 The back-end serves one export with ``passthrough_fs`` of a host directory at
 ``/containers`` and a RAFS image (built from a busybox rootfs) at
-``/rafs/c1/lowerdir`` (nydus-surface.md §8.3; ``tests/integration/kata_daemon.py``
+``/rafs/c1/lowerdir`` (nydus-surface.md §8.3; ``tests/integration/vfs_daemon.py``
 builds it through the same Python API the daemon's mount code uses).  In the
 guest, as Kata's agent does: mount virtio-fs at /run/kata-containers/shared,
 overlay the image with an upper and work dir inside /containers, chroot into
@@ -112,8 +112,8 @@ def test_container_rootfs_overlay_on_rafs_lower_and_passthrough_upper(tmp_path):
     sock = tmp_path / "kata.sock"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT / "src"), str(PROJECT),
                                                        os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "tests.integration.kata_daemon", "--sock", str(sock), "--shared", str(shared),
-           "--bootstrap", str(boot), "--blob-dir", str(blobs)]
+    cmd = [sys.executable, "-m", "tests.integration.vfs_daemon", "--sock", str(sock),
+           "--passthrough", "/containers", str(shared), "--rafs", "/rafs/c1/lowerdir", str(boot), str(blobs)]
     overlay = find_kernel().modules_dir / "kernel" / "fs" / "overlayfs" / "overlay.ko"
     candidates = [overlay] + sorted(overlay.parent.glob("overlay.ko.*"))
     module = next((p for p in candidates if p.exists()), None)
