@@ -498,6 +498,7 @@ class FaultProxy:
         self.seen = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._closing: asyncio.Event | None = None
 
     @property
     def host(self) -> str:
@@ -522,7 +523,9 @@ class FaultProxy:
         if fault == "loop":
             return web.Response(status=307, headers={"Location": str(request.rel_url)})
         if fault == "stall":
-            await asyncio.sleep(3600)
+            assert self._closing is not None
+            await self._closing.wait()
+            return web.Response(status=503, text="shutting down")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         if fault == "unauth":
             headers.pop("Authorization", None)
@@ -563,6 +566,7 @@ class FaultProxy:
             runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.1)
 
             async def start() -> None:
+                self._closing = asyncio.Event()
                 self._session = aiohttp.ClientSession(auto_decompress=False)
                 await runner.setup()
                 await web.TCPSite(runner, "127.0.0.1", self.port).start()
@@ -581,7 +585,9 @@ class FaultProxy:
 
     def __exit__(self, *exc) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            assert self._closing is not None
+            self._loop.call_soon_threadsafe(self._closing.set)      # release stalled answers first
+            self._loop.call_soon_threadsafe(self._loop.call_later, 0.2, self._loop.stop)
             self._thread.join(10)
 
 

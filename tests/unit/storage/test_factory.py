@@ -63,3 +63,11 @@ def test_refusals(tmp_path):
         assert isinstance(b, HttpProxyBackend)
     finally:
         s.close()
+
+
+def test_dragonfly_sdk_mode_is_refused_with_a_warning(caplog):
+    cfg = parse_daemon_config(_v2({"type": "registry", "registry": {
+        "host": "r.io", "repo": "a/b", "proxy": {"dragonfly_scheduler_endpoint": "http://sched:8002"}}})).backend
+    b = create_backend(cfg, backend_id="/m")
+    assert "dragonfly_scheduler_endpoint" in caplog.text and "/m" in caplog.text
+    b.close()

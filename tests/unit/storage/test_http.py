@@ -201,3 +201,19 @@ def test_ping_url_health_task_restores_the_proxy_and_use_http():
             assert not rewriting.proxy.usable()
 
     run(body())
+
+
+def test_close_after_the_loop_ended_leaves_nothing_open(recwarn):
+    client = HttpClient(HttpSettings(timeout=2, connect_timeout=2), name="t")
+
+    async def once():
+        async with FakeRegistry({"a" * 64: DATA}) as reg:
+            url = f"{reg.server.base}/v2/library/test/blobs/sha256:{'a' * 64}"
+            assert await _get(client, url, 0, 10) == DATA[:10]
+        return client._session
+
+    session = run(once())                    # asyncio.run closed that loop
+    connector = session.connector
+    client.close()
+    assert session.closed and connector.closed
+    assert not [w for w in recwarn if "close" in str(w.message).lower()]

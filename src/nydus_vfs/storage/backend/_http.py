@@ -233,14 +233,18 @@ class HttpClient:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None and running is loop:
+        if loop is None or loop.is_closed():
+            # The loop is gone and its sockets with it: only mark both objects closed.
+            connector = session.connector
+            session.detach()
+            if connector is not None:
+                connector._close()
+        elif running is loop:
             running.create_task(session.close())
-            return
-        # Another loop, or none: close the sockets now without awaiting anything.
-        connector = session.connector
-        session.detach()
-        if connector is not None and loop is not None and not loop.is_closed():
-            connector.close()
+        elif not loop.is_running():
+            loop.run_until_complete(session.close())
+        else:
+            asyncio.run_coroutine_threadsafe(session.close(), loop)
 
     def close(self) -> None:
         """Close the pooled connections and stop the proxy health task; idempotent."""

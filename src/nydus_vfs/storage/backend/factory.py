@@ -9,11 +9,15 @@ built from equal configs have equal ``identity`` (so the daemon can share one).
 
 from __future__ import annotations
 
+import logging
+
 from ...config import BackendConfig
 from ...errors import ConfigError
 from .base import BlobBackend
 
 __all__ = ["create_backend"]
+
+log = logging.getLogger("nydus_vfs.storage")
 
 
 def create_backend(cfg: BackendConfig, *, backend_id: str = "/") -> BlobBackend:
@@ -28,6 +32,11 @@ def create_backend(cfg: BackendConfig, *, backend_id: str = "/") -> BlobBackend:
     sub = cfg.active
     if sub is None:
         raise ConfigError(f"backend.type {cfg.type!r}: its configuration section is missing")
+    proxy = getattr(sub, "proxy", None)
+    if proxy is not None and proxy.dragonfly_scheduler_endpoint:
+        log.warning("backend %s: proxy.dragonfly_scheduler_endpoint (Dragonfly SDK mode) is not supported; "
+                    "using the HTTP proxy %r%s", backend_id, proxy.url,
+                    "" if proxy.url else " (none set: requests go direct)")
     if cfg.type == "localfs":
         from .localfs import LocalfsBackend
         return LocalfsBackend(dir=sub.dir or None, blob_file=sub.blob_file or None, alt_dirs=tuple(sub.alt_dirs))
