@@ -102,7 +102,7 @@ class ConvertOptions:
     push_chunk_size: int = 0
     concurrency: int = 0
     #: Blob store for the data blobs (``--backend-type``): they go there and the manifest keeps only the
-    #: bootstrap layer (§5.4).
+    #: bootstrap layer (nydus-surface.md §5.4).
     backend: Backend | None = None
 
 

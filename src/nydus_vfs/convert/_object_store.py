@@ -1,7 +1,7 @@
 """Pushing nydus blobs to an S3 bucket (``nydusify convert --backend-type s3``), a :class:`Backend`.
 
-The config is the one nydusd reads for its ``s3`` backend (nydus-surface.md
-§2.3: ``scheme``, ``endpoint``, ``region``, ``bucket_name``,
+The config is the one nydusd reads for its ``s3`` backend
+(nydus-surface.md §2.3: ``scheme``, ``endpoint``, ``region``, ``bucket_name``,
 ``object_prefix``, ``access_key_id``, ``access_key_secret``), parsed and
 validated by :mod:`nydus_vfs.config`, so whatever nydusify accepts nydusd
 accepts too.  Object ``<object_prefix><blob hex digest>`` is what nydusd's S3
