@@ -148,8 +148,8 @@ class FileSystem(Protocol):
 
     def getlk(self, ino: int, fh: int, owner: int, lock: FileLock, ctx: Context) -> FileLock: ...
 
-    def setlk(self, ino: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
-              ctx: Context) -> None: ...
+    def setlk(self, ino: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool, ctx: Context):
+        """None when done; with ``sleep`` a coroutine that finishes once the lock is taken."""
 
     def syncfs(self, ino: int) -> None: ...
 

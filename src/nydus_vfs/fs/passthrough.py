@@ -47,9 +47,11 @@ file, which the transport ``preadv``s straight into guest memory (or splices
 into /dev/fuse); WRITE hands the request buffer to ``pwrite`` without a copy in
 Python.
 
-Not supported: SETLKW waiting (a contended SETLKW answers EAGAIN: the event
-loop must not block; locks are only negotiated with ``posix_locks``), TMPFILE,
-DAX windows, ``security.*`` xattr remapping.
+Locks (negotiated only with ``FuseServer(posix_locks=True)``, off by default
+like virtiofsd's) are OFD locks on the open file, so they belong to the FUSE
+file handle rather than to the guest's lock owner; a contended SETLKW waits in
+a coroutine, never on the event loop.  Not supported: TMPFILE, DAX windows,
+``security.*`` xattr remapping.
 """
 
 from __future__ import annotations
@@ -771,15 +773,50 @@ class PassthroughFs:
         return FileLock(start, end, typ, pid if pid > 0 else 0)  # OFD locks report pid -1
 
     @_fs_errors
-    def setlk(self, ino: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
-              ctx: Context) -> None:
+    def setlk(self, ino: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool, ctx: Context):
+        """OFD locks on the handle's open file (flock(2) for FUSE_LK_FLOCK).
+
+        Never blocks the event loop: a contended SETLKW returns a coroutine that
+        retries with a growing pause (1 ms .. 50 ms) until the lock is free, the
+        handle is released (EBADF) or the guest interrupts it (EINTR).
+        """
         fd = self._handle(fh).fd
-        # Never block the event loop: a contended SETLKW answers EAGAIN (module docstring).
         if flock:
-            op = {0: fcntl.LOCK_SH, 1: fcntl.LOCK_EX, 2: fcntl.LOCK_UN}[lock.type]
-            fcntl.flock(fd, op | fcntl.LOCK_NB)
-            return
-        fcntl.fcntl(fd, _F_OFD_SETLK, self._flock_struct(lock))
+            if lock.type not in (0, 1, 2):
+                raise FsError(errno.EINVAL)
+            op = (fcntl.LOCK_SH, fcntl.LOCK_EX, fcntl.LOCK_UN)[lock.type] | fcntl.LOCK_NB
+
+            def attempt() -> None:
+                fcntl.flock(self._handle(fh).fd, op)
+        else:
+            arg = self._flock_struct(lock)
+
+            def attempt() -> None:
+                fcntl.fcntl(self._handle(fh).fd, _F_OFD_SETLK, arg)
+        try:
+            attempt()
+        except OSError as exc:
+            if not sleep or exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return self._wait_lock(attempt)
+        return None
+
+    @staticmethod
+    async def _wait_lock(attempt) -> None:
+        import asyncio
+
+        pause = 0.001
+        while True:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            try:
+                attempt()
+                return
+            except FsError:
+                raise
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise FsError(exc.errno or errno.EIO) from None
 
     # -- directories -------------------------------------------------------------------------
     @_fs_errors

@@ -583,11 +583,11 @@ class Vfs(Operations):
         return fs.getlk(local, fh, owner, lock, ctx)
 
     def setlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
-              ctx: Context) -> None:
+              ctx: Context):
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.ENOSYS)
-        fs.setlk(local, fh, owner, lock, sleep, flock, ctx)
+        return fs.setlk(local, fh, owner, lock, sleep, flock, ctx)  # a coroutine while SETLKW waits
 
     def syncfs(self, nodeid: int) -> None:
         fs, local = self._resolve(nodeid)

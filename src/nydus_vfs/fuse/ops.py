@@ -388,10 +388,13 @@ class Operations:
         raise _enosys()
 
     def setlk(self, nodeid: int, fh: int, owner: int, lock: FileLock, sleep: bool, flock: bool,
-              ctx: Context) -> None:
+              ctx: Context):
         """Take or release a lock for ``owner``; ``flock`` means flock(2) semantics (whole file).
 
         ``sleep`` (SETLKW) asks to wait until a conflicting lock goes away
-        instead of failing with EAGAIN.
+        instead of failing with EAGAIN.  A filesystem that has to wait returns
+        a coroutine that finishes when the lock is taken; the server runs it
+        like a READ that suspended (INTERRUPT cancels it: EINTR).  Otherwise
+        it returns None.
         """
         raise _enosys()

@@ -1189,8 +1189,18 @@ class FuseServer:
 
     def _op_setlkw(self, buf, n, unique, nodeid, ctx, cap):
         fh, owner, lock, lk_flags = self._lk_args(_Op.SETLKW, buf, n)
-        self._ops.setlk(nodeid, fh, owner, lock, True, bool(lk_flags & abi.FUSE_LK_FLOCK), ctx)
-        return _OUT(16, 0, unique)
+        waiting = self._ops.setlk(nodeid, fh, owner, lock, True, bool(lk_flags & abi.FUSE_LK_FLOCK), ctx)
+        if waiting is None:
+            return _OUT(16, 0, unique)
+        # The filesystem waits for the lock in a coroutine: driven like a READ
+        # that suspended, so INTERRUPT (a signal in the guest) cancels it: EINTR.
+        try:
+            yielded = waiting.send(None)
+        except StopIteration:
+            return _OUT(16, 0, unique)
+        pending = _PendingRead(self, waiting, yielded, unique, -1)
+        self._inflight[unique] = pending
+        return _await_pending(pending)
 
     def _op_interrupt(self, buf, n, unique, nodeid, ctx, cap):
         if n < _HDR + 8:
@@ -1208,6 +1218,9 @@ async def _await_pending(pending: "_PendingRead"):
 
 class _PendingRead:
     """A READ whose ``Operations.read`` coroutine suspended; awaiting this finishes it.
+
+    (A SETLKW that waits for its lock runs the same way, with ``limit`` -1: its
+    success reply is the bare header.)
 
     It runs the coroutine the way ``asyncio.Task.__step`` would: a yielded
     future is waited for and the coroutine resumed with ``send(None)`` (it
@@ -1285,6 +1298,8 @@ class _PendingRead:
                     value = coro.send(None) if throw is None else coro.throw(throw)
                 except StopIteration as done:
                     try:
+                        if self._limit < 0:
+                            return _OUT(16, 0, unique)   # SETLKW: the lock was taken
                         return self._server._read_reply(unique, done.value, self._limit)
                     except Exception:
                         self._server._warn("READ unique %#x: filesystem bug (bad data from Operations.read), "

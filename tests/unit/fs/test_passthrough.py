@@ -594,3 +594,30 @@ def test_hostile_arguments_get_an_errno_never_a_crash(tmp_path_factory, data, ca
     finally:
         fs.close()
     canary_untouched(canary_dir)
+
+
+def test_contended_setlkw_waits_without_blocking_the_loop(guest):
+    import asyncio
+
+    e, fh = guest.create(ROOT, b"lockme")
+    fh2 = guest.open(e.nodeid, abi.O_RDWR)
+    guest.payload(guest.f.lock(Opcode.SETLK, e.nodeid, fh, 1, 0, 99, 1))
+
+    async def scenario():
+        pending = guest.server.handle(guest.f.lock(Opcode.SETLKW, e.nodeid, fh2, 2, 0, 10, 1))
+        assert not isinstance(pending, (bytes, list))         # waiting, and the loop is free
+        task = asyncio.ensure_future(pending)
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        guest.payload(guest.f.lock(Opcode.SETLK, e.nodeid, fh, 1, 0, 99, 2))   # the holder unlocks
+        reply = await asyncio.wait_for(task, 5)
+        assert codec.OutHeader.from_bytes(bytes(reply)).error == 0
+        # now fh2 holds it: fh's attempt conflicts, and an interrupted SETLKW answers EINTR
+        pending = guest.server.handle(guest.f.lock(Opcode.SETLKW, e.nodeid, fh, 1, 0, 10, 1))
+        task = asyncio.ensure_future(pending)
+        await asyncio.sleep(0.01)
+        guest.server.handle(guest.f.interrupt(guest.f.last_unique))
+        reply = await asyncio.wait_for(task, 5)
+        assert -codec.OutHeader.from_bytes(bytes(reply)).error == errno.EINTR
+
+    asyncio.run(scenario())

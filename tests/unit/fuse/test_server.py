@@ -1571,3 +1571,37 @@ def test_readdirplus_entries_not_sent_are_released(wops, f):
     # exactly one more entry was pulled than fit, and the kernel never saw it
     assert len(wops.released) == 1 and wops.released[0] not in sent
     assert wops.released[0] == 100 + len(sent)
+
+
+def test_setlkw_that_waits_is_driven_like_a_suspended_read_and_interrupt_cancels_it(wops, f):
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        gate = loop.create_future()
+        log = []
+
+        async def wait_for_lock():
+            try:
+                await gate
+            except asyncio.CancelledError:
+                log.append("cancelled")
+                raise
+            log.append("locked")
+
+        wops.setlk = lambda *a: wait_for_lock()
+        s = FuseServer(wops, readonly=False, posix_locks=True)
+        ok(s.handle(f.init()))
+        pending = s.handle(f.lock(Opcode.SETLKW, FILE, 3, 1, 0, 10, 1))
+        assert inspect.isawaitable(pending) and s.pending_reads == 1
+        task = asyncio.ensure_future(pending)
+        await asyncio.sleep(0)
+        gate.set_result(None)
+        assert ok(await task) == b"" and log == ["locked"]
+        gate = loop.create_future()
+        pending = s.handle(f.lock(Opcode.SETLKW, FILE, 3, 1, 0, 10, 1))
+        task = asyncio.ensure_future(pending)
+        await asyncio.sleep(0)
+        assert s.handle(f.interrupt(f.last_unique)) is None
+        assert err(await task) == errno.EINTR and log == ["locked", "cancelled"]
+        assert s.pending_reads == 0
+
+    asyncio.run(scenario())
