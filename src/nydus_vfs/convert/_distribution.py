@@ -161,6 +161,13 @@ def docker_credentials(registry: str) -> tuple[str, str] | None:
     return None
 
 
+def _check_digest(digest: object, what: str) -> str:
+    """``digest`` when it is ``sha256:<64 hex>``; a manifest from a stranger may say anything."""
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise ConvertError(f"{what}: {str(digest)[:80]!r} is not a sha256:<64 hex> digest")
+    return digest
+
+
 def _registry_error(body: bytes) -> str:
     try:
         doc = json.loads(body)
@@ -271,6 +278,9 @@ class RegistryClient:
 
     async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
         """(body, media type, digest) of manifest ``ref``; the digest is checked when ``ref`` is one."""
+        if not isinstance(ref, str) or not (_DIGEST.fullmatch(ref) or _TAG.fullmatch(ref)):
+            raise ConvertError(f"registry {self.registry}: manifest reference {str(ref)[:80]!r} is neither a tag "
+                               "nor a sha256 digest")
         _, headers, body = await self.request("GET", f"/v2/{repo}/manifests/{ref}", what=f"manifest {repo}:{ref}",
                                               repo=repo, headers={"Accept": _ACCEPT})
         if len(body) > _MAX_MANIFEST:
@@ -290,6 +300,7 @@ class RegistryClient:
 
     async def get_blob(self, repo: str, digest: str, max_size: int = _MAX_MANIFEST) -> bytes:
         """A small blob (config) in memory, digest-checked."""
+        _check_digest(digest, f"registry {self.registry}: blob of {repo}")
         _, _, body = await self.request("GET", f"/v2/{repo}/blobs/{digest}", what=f"blob {digest}", repo=repo)
         if len(body) > max_size:
             raise ConvertError(f"registry {self.registry}: blob {digest} is larger than {max_size} bytes")
@@ -300,6 +311,7 @@ class RegistryClient:
     async def download_blob(self, repo: str, digest: str, path: str, on_bytes: Callable[[int], None] | None = None
                             ) -> int:
         """Stream blob ``digest`` into ``path``, checking its sha256; returns its size."""
+        _check_digest(digest, f"registry {self.registry}: blob of {repo}")
         what = f"blob {digest}"
         auth = await self._header()
         for attempt in range(2):
@@ -334,6 +346,7 @@ class RegistryClient:
 
     async def blob_exists(self, repo: str, digest: str) -> int | None:
         """Size of blob ``digest`` in ``repo``, or None when absent."""
+        _check_digest(digest, f"registry {self.registry}: blob of {repo}")
         status, headers, _ = await self.request("HEAD", f"/v2/{repo}/blobs/{digest}", what=f"blob {digest}",
                                                 repo=repo, allow=(404,), read_body=False)
         if status == 404:
@@ -347,6 +360,7 @@ class RegistryClient:
                         what: str | None = None) -> None:
         """Upload the file ``path`` as blob ``digest``; monolithic, or in ``chunk_size`` pieces."""
         what = what or f"blob {digest}"
+        _check_digest(digest, what)
         _, headers, _ = await self.request("POST", f"/v2/{repo}/blobs/uploads/", what=f"{what}: start upload",
                                            repo=repo, ok=(202,), headers={"Content-Length": "0"})
         location = self._location(headers, what)

@@ -48,7 +48,7 @@ from ..builder import check as _builder_check
 from ..builder import unpack as _builder_unpack
 from ..errors import BuildError, ConvertError
 from ._distribution import (DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST,
-                            Reference, RegistryClient)
+                            Reference, RegistryClient, _check_digest)
 from ._pack import merge, pack
 from ._tree import FileTree, diff_trees
 from ._types import (BOOTSTRAP_FILE_NAME_IN_LAYER, LAYER_ANNOTATION_FS_VERSION, LAYER_ANNOTATION_NYDUS_BLOB,
@@ -243,11 +243,11 @@ class _Converter:
 
     async def _convert_layer(self, index: int, count: int, desc: dict) -> _Packed:
         digest = desc.get("digest", "")
-        label = f"layer {index + 1}/{count} {digest[:19]}"
+        label = f"layer {index + 1}/{count} {str(digest)[:19]}"
         try:
             if desc.get("mediaType") not in _SOURCE_LAYER_TYPES:
                 raise ConvertError(f"unsupported layer media type {desc.get('mediaType')!r}")
-            hexd = digest.partition(":")[2]
+            hexd = _check_digest(digest, "layer digest").partition(":")[2]
             async with self.sem:
                 src_path = os.path.join(self.work, f"src-{hexd}")
                 self.progress(label, "pulling")
@@ -267,13 +267,15 @@ class _Converter:
             return _Packed(res.digest, res.size, out, digest)
         except ConvertError as exc:
             raise ConvertError(f"{label}: {exc}") from None
+        except OSError as exc:
+            raise ConvertError(f"{label}: {exc}") from None
 
     def _pack_file(self, src_path: str, out: str):
         with open(src_path, "rb") as f:
             return pack(f, out, self.pack_opt)
 
     def layer(self, index: int, count: int, desc: dict) -> asyncio.Task:
-        key = desc.get("digest", f"#{index}")
+        key = str(desc.get("digest", f"#{index}"))
         task = self.layer_tasks.get(key)
         if task is None:
             task = asyncio.ensure_future(self._convert_layer(index, count, desc))
@@ -287,6 +289,9 @@ class _Converter:
         config_desc = doc.get("config")
         if not isinstance(layers, list) or not isinstance(config_desc, dict):
             raise ConvertError(f"{what} has no layers/config")
+        for i, d in enumerate(layers):
+            if not isinstance(d, dict) or not isinstance(d.get("size", 0), int) or d.get("size", 0) < 0:
+                raise ConvertError(f"{what}: layer {i} is not a valid descriptor")
         if any(isinstance(d, dict) and d.get("mediaType") == MEDIA_TYPE_NYDUS_BLOB for d in layers):
             raise ConvertError(f"{what} is already a nydus image")
         config = _loads(await self.sc.get_blob(self.src.repository, config_desc.get("digest", "")),
@@ -482,8 +487,10 @@ def _check_rules(manifest: dict, config: dict) -> list[str]:
     """The manifest rules of nydus-surface.md §5.4; a list of violations."""
     bad = []
     layers = manifest.get("layers") or []
-    if not layers:
+    if not isinstance(layers, list) or not layers:
         return ["the manifest has no layers"]
+    if not all(isinstance(d, dict) for d in layers) or not isinstance(config.get("rootfs", {}), dict):
+        return ["the manifest's layers or the config's rootfs are not JSON objects"]
     boot = layers[-1]
     if boot.get("mediaType") not in (OCI_LAYER_GZIP, DOCKER_LAYER_GZIP):
         bad.append(f"bootstrap layer media type {boot.get('mediaType')!r} is not a tar+gzip type")

@@ -46,6 +46,8 @@ def test_each_rule_is_reported():
     cases.append((GOOD, {"rootfs": {"diff_ids": [B1]}}, "has 1 entries for 3 layers"))
     cases.append((GOOD, {"rootfs": {"diff_ids": [B2, B1, BOOT]}}, "is not blob layer digest"))
     cases.append(({"layers": []}, CONFIG, "no layers"))
+    cases.append(({"layers": ["x"]}, CONFIG, "not JSON objects"))
+    cases.append(({"layers": "x"}, CONFIG, "no layers"))
     for manifest, config, text in cases:
         problems = _check_rules(manifest, config)
         assert any(text in p for p in problems), (text, problems)
