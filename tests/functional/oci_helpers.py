@@ -61,13 +61,18 @@ def _blob(layout, data: bytes) -> str:
     return "sha256:" + digest
 
 
-def write_oci_layout(layout, tag: str, layers: list[bytes], *, docker: bool = False) -> str:
-    """Write an image with ``layers`` (uncompressed tars) to the OCI layout dir; returns the manifest digest."""
+def write_oci_layout(layout, tag: str, layers: list[bytes], *, docker: bool = False, mangle=None) -> str:
+    """Write an image with ``layers`` (uncompressed tars) to the OCI layout dir; returns the manifest digest.
+
+    ``mangle(index, gzip_bytes) -> bytes`` may corrupt a layer blob (its digest follows the new bytes).
+    """
     layout.mkdir(parents=True, exist_ok=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     descs, diff_ids = [], []
-    for raw in layers:
+    for i, raw in enumerate(layers):
         gz = gzip.compress(raw, mtime=0)
+        if mangle is not None:
+            gz = mangle(i, gz)
         descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": _blob(layout, gz),
                       "size": len(gz)})
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())

@@ -342,6 +342,35 @@ def test_manifest_pointing_at_a_missing_blob(registry, tmp_path):
     assert os.listdir(work) == []
 
 
+@pytest.mark.parametrize("case", ["dotdot", "hardlink", "truncated-gzip"])
+def test_bad_layer_is_named_and_nothing_is_pushed(registry, tmp_path, case):
+    layout = tmp_path / "layout"
+    upper = list(UPPER)
+    mangle = None
+    if case == "dotdot":
+        upper.append(("etc/../../escape", "file", {"data": b"x"}))
+    elif case == "hardlink":
+        upper.append(("etc/hl", "hard", {"link": "etc/no-such-file"}))
+    else:
+        def mangle(i, gz):
+            return gz[: len(gz) // 2] if i == 1 else gz
+    write_oci_layout(layout, "v1", [tar_bytes(LOWER), tar_bytes(upper)], mangle=mangle)
+    repo = f"bad-{case}"
+    skopeo_push(layout, "v1", f"{registry.host}/{repo}:v1")
+    work = tmp_path / "work"
+    r = nydusify("convert", "--source", f"{registry.host}/{repo}:v1", "--target", f"{registry.host}/{repo}:nydus",
+                 "--plain-http", "--work-dir", str(work))
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    layer2 = skopeo_raw(f"{registry.host}/{repo}:v1")["layers"][1]["digest"]
+    assert f"layer 2/2 {layer2[:19]}" in err, err
+    want = {"dotdot": "etc/../../escape", "hardlink": "hardlink target '/etc/no-such-file' does not exist",
+            "truncated-gzip": "gzip stream: truncated"}[case]
+    assert want in err, err
+    assert skopeo_raw(f"{registry.host}/{repo}:nydus") is None
+    assert os.listdir(work) == []
+
+
 class FailingProxy:
     """An aiohttp reverse proxy to the registry that answers ``status`` to the ``nth`` blob upload PUT."""
 

@@ -39,6 +39,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -199,7 +200,11 @@ class _Converter:
                    else RegistryClient(session, self.dst.registry, plain_http=opts.plain_http,
                                        insecure=opts.target_insecure))
         self.work = work
-        self.sem = asyncio.Semaphore(opts.concurrency or max(1, min(4, os.cpu_count() or 1)))
+        workers = opts.concurrency or max(1, min(4, os.cpu_count() or 1))
+        self.sem = asyncio.Semaphore(workers)
+        # Our own pool: after a failure, convert_image waits for packs still running in it (a thread
+        # cannot be cancelled) before it removes the work dir they write into.
+        self.pool = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="nydusify")
         self.layer_tasks: dict[str, asyncio.Task] = {}
         self.pushed_blobs: set[str] = set()
         self.pushed = 0
@@ -231,13 +236,13 @@ class _Converter:
         assert backend is not None
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, backend.check, digest)
+            await loop.run_in_executor(self.pool, backend.check, digest)
             self.skipped += 1
             self.progress(label, f"blob {digest[:19]} already in the {backend.type()} backend, skipped")
             return
         except FileNotFoundError:
             pass
-        await loop.run_in_executor(None, backend.push, path, digest)
+        await loop.run_in_executor(self.pool, backend.push, path, digest)
         self.pushed += 1
         self.progress(label, f"pushed {digest[:19]} ({size} bytes) to the {backend.type()} backend")
 
@@ -255,7 +260,7 @@ class _Converter:
                 self.progress(label, f"pulled {size} bytes, packing")
                 out = os.path.join(self.work, f"nydus-{hexd}")
                 loop = asyncio.get_running_loop()
-                res = await loop.run_in_executor(None, self._pack_file, src_path, out)
+                res = await loop.run_in_executor(self.pool, self._pack_file, src_path, out)
                 self.progress(label, f"packed into {res.digest[:19]} ({res.size} bytes)")
             if self.opts.merge_platform:
                 await self.push_file(src_path, digest, size, label + " (source)")
@@ -311,10 +316,10 @@ class _Converter:
         mopt = MergeOption(work_dir=self.work, fs_version=self.opts.fs_version, with_tar=True,
                            prefetch_patterns=self.opts.prefetch_patterns)
         used = await loop.run_in_executor(
-            None, merge, [Layer(p.digest, p.path, p.source_digest) for p in packed], sink, mopt)
+            self.pool, merge, [Layer(p.digest, p.path, p.source_digest) for p in packed], sink, mopt)
         boot_tar = sink.getvalue()
         boot_path = os.path.join(self.work, f"bootstrap-{len(os.listdir(self.work))}")
-        boot_digest, boot_size = await loop.run_in_executor(None, _gzip_file, boot_tar, boot_path)
+        boot_digest, boot_size = await loop.run_in_executor(self.pool, _gzip_file, boot_tar, boot_path)
         await self.push_file(boot_path, boot_digest, boot_size, "bootstrap layer")
         self.progress("bootstrap layer", f"{boot_digest[:19]} ({boot_size} bytes), blobs used: {len(used)}")
 
@@ -436,11 +441,14 @@ class _Converter:
 async def convert_image(opts: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
     """Convert ``opts.source`` to a Nydus image at ``opts.target`` (see the module docstring)."""
     work = _work(opts.work_dir)
+    conv = None
     try:
         async with _session() as session:
             conv = _Converter(opts, progress, session, work)
             return await conv.run()
     finally:
+        if conv is not None:
+            await asyncio.to_thread(conv.pool.shutdown, True)
         shutil.rmtree(work, ignore_errors=True)
 
 
