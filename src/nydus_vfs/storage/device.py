@@ -30,6 +30,13 @@ few dict/list lookups and a bit test, without any ``await`` that suspends, so
 the FUSE server can complete it without scheduling.  With a local backend
 (``supports_sync``) even a cold read completes without suspending.
 
+Merged fetches: :meth:`BlobDevice.fetch_chunks` (the prefetch engine) and a
+foreground miss with ``amplify_io`` lead the single flights of several chunks
+at once and fetch neighbouring ones (by compressed offset, gaps up to 128 KiB
+read over) in one backend request; a foreground read of any of them waits for
+that request.  Amplification follows the blob order the filesystem supplies
+(:attr:`BlobDevice.blob_order`), else the file's own chunk list.
+
 Holes: a ``ChunkInfo`` with ``blob_index == -1`` (the v6 hole convention:
 no blob, ``uncompressed_size`` = bytes of the file it covers) reads as zeros.
 """
