@@ -21,8 +21,10 @@ Contract, beyond the method docstrings:
 * ``immutable`` instances (RAFS) promise that an inode's attributes and a
   name's lookup result never change while mounted: the VFS memoises them and
   may answer OPEN/OPENDIR/FLUSH with the kernel's ENOSYS shortcuts.  Other
-  instances get every request, and the ``Attr`` objects they return belong to
-  the caller (the VFS rewrites ``ino`` in place instead of copying).
+  instances get every request; the ``Attr`` objects they return are handed
+  over: the VFS sets ``ino`` to the nodeid in place instead of copying (an
+  instance may return the same object again while the inode is unchanged; it
+  then still carries that nodeid and its packed bytes).
 * ``readonly`` instances answer every write method with EROFS; deriving from
   :class:`ReadOnlyFs` gives exactly that.
 * The local root (``root_ino``) is never released.

@@ -172,7 +172,7 @@ def _attr(ino: int, st: os.stat_result, _new=Attr.__new__) -> Attr:
 
 
 class _Inode:
-    __slots__ = ("ino", "key", "fd", "handle", "fmt")
+    __slots__ = ("ino", "key", "fd", "handle", "fmt", "seen", "attr")
 
     def __init__(self, ino: int, key: tuple[int, int, int], fd: int, handle: bytes | None, fmt: int) -> None:
         self.ino = ino
@@ -180,6 +180,8 @@ class _Inode:
         self.fd = fd              # O_PATH fd, -1 while evicted
         self.handle = handle      # file handle to reopen it, None: never evicted
         self.fmt = fmt            # S_IFMT bits; an inode never changes type
+        self.seen: tuple | None = None   # the stat fields the last Attr was built from
+        self.attr: Attr | None = None
 
 
 class _Handle:
@@ -475,11 +477,21 @@ class PassthroughFs:
         try:
             if fd < 0 or inode.handle is not None:
                 fd = self._fd(inode)
-            return _attr(ino, os.stat(fd))
+            st = os.stat(fd)
         except FsError:
             raise
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from None
+        # Unchanged since the last answer (every field the guest sees, since
+        # timestamps alone are too coarse to tell): the same Attr, packed once.
+        seen = (st.st_ctime_ns, st.st_mtime_ns, st.st_atime_ns, st.st_size, st.st_mode, st.st_nlink,
+                st.st_uid, st.st_gid, st.st_blocks)
+        if seen == inode.seen:
+            return inode.attr
+        a = _attr(ino, st)
+        inode.seen = seen
+        inode.attr = a
+        return a
 
     @_fs_errors
     def readlink(self, ino: int, ctx: Context) -> bytes:

@@ -242,7 +242,7 @@ class Vfs(Operations):
     def _instance_attr(self, idx: int, fs: FileSystem, local: int) -> Attr:
         """Attributes of a local inode with ``ino`` = its nodeid (memoised for immutable instances)."""
         if not fs.immutable:
-            return self._export_attr(idx, fs, fs.getattr(local, None, _NO_CTX))
+            return self._export_attr(idx, fs, fs.getattr(local, None, _NO_CTX), local)
         gid = self._global(idx, fs, local)
         a = self._attr_cache.get(gid)
         if a is None:
@@ -252,10 +252,16 @@ class Vfs(Operations):
             self._attr_cache[gid] = a
         return a
 
-    def _export_attr(self, idx: int, fs: FileSystem, attr: Attr) -> Attr:
-        """A fresh Attr of a mutable instance, ``ino`` rewritten in place (the seam gives it to us)."""
-        attr.ino = self._global(idx, fs, attr.ino)
-        attr._packed = None
+    def _export_attr(self, idx: int, fs: FileSystem, attr: Attr, local: int) -> Attr:
+        """An Attr of a mutable instance's inode ``local``, ``ino`` set to its nodeid in place.
+
+        The seam hands the object over (it may be one the instance returned
+        before, already carrying the nodeid: then its packed bytes stay valid).
+        """
+        gid = self._global(idx, fs, local)
+        if attr.ino != gid:
+            attr.ino = gid
+            attr._packed = None
         return attr
 
     def _export_entry(self, idx: int, fs: FileSystem, e: Entry) -> Entry:
@@ -341,7 +347,9 @@ class Vfs(Operations):
         if fs is not None and not fs.immutable:
             # A mutable instance's inode (never memoised): the direct route.
             a = fs.getattr(nodeid & _LOCAL_MASK, fh, ctx)
-            a.ino = nodeid
+            if a.ino != nodeid:
+                a.ino = nodeid
+                a._packed = None
             return a
         fs, local = self._resolve(nodeid)
         if fs is None:
@@ -349,7 +357,7 @@ class Vfs(Operations):
         idx = self._index_of(nodeid)
         if fs.immutable:
             return self._instance_attr(idx, fs, local)
-        return self._export_attr(idx, fs, fs.getattr(local, fh, ctx))
+        return self._export_attr(idx, fs, fs.getattr(local, fh, ctx), local)
 
     def readlink(self, nodeid: int, ctx: Context) -> bytes:
         fs, local = self._resolve(nodeid)
@@ -508,7 +516,7 @@ class Vfs(Operations):
     # -- writes (pseudo directories are read-only; instances decide for themselves) ----------
     def setattr(self, nodeid: int, attrs: SetAttr, ctx: Context) -> Attr:
         idx, fs, local = self._instance(nodeid)
-        return self._export_attr(idx, fs, fs.setattr(local, attrs, ctx))
+        return self._export_attr(idx, fs, fs.setattr(local, attrs, ctx), local)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, umask: int, ctx: Context) -> Entry:
         idx, fs, local = self._instance(parent)

@@ -621,3 +621,22 @@ def test_contended_setlkw_waits_without_blocking_the_loop(guest):
         assert -codec.OutHeader.from_bytes(bytes(reply)).error == errno.EINTR
 
     asyncio.run(scenario())
+
+
+def test_getattr_reflects_every_change_even_within_one_timestamp_tick(shared):
+    fs = PassthroughFs.from_path(str(shared))
+    try:
+        g = Guest(fs, mountpoint="/containers")
+        e = g.lookup(g.root, b"hello")
+        for size in range(1, 40):
+            os.truncate(shared / "hello", size)            # faster than the clock the fs stamps ctime with
+            assert g.getattr(e.nodeid).size == size
+            os.chmod(shared / "hello", 0o600 if size % 2 else 0o644)
+            assert stat.S_IMODE(g.getattr(e.nodeid).mode) == (0o600 if size % 2 else 0o644)
+        # the share's root, asked for through its mountpoint and directly, keeps its own nodeid
+        for _ in range(3):
+            assert g.getattr(g.root).ino == g.root
+            assert g.lookup(ROOT, b"containers").attr.ino == g.root
+        assert g.getattr(e.nodeid).ino == e.nodeid
+    finally:
+        fs.close()
