@@ -101,6 +101,8 @@ _MAX_MERGE_GAP = 128 << 10
 _INLINE_READ_MAX = 1 << 20
 # Chunks of a merged run decoded between two yields to the event loop.
 _DECODE_BATCH = 8
+# Merged runs of at least this many uncompressed bytes are decoded in a worker thread.
+_THREAD_DECODE_MIN = 512 << 10
 
 #: One element of a read request: the chunk, the offset inside its
 #: uncompressed data, and how many bytes from there.
@@ -251,6 +253,21 @@ class FetchStats:
     bytes: int = 0
     chunks: int = 0
     errors: list = field(default_factory=list)
+
+
+def _decode_one(raw: bytes, start: int, chunk: ChunkInfo, blob: BlobInfo,
+                validate: bool) -> bytes | ChunkCorruptError:
+    lo = chunk.compressed_offset - start
+    try:
+        return decode_chunk(raw[lo:lo + chunk.compressed_size], blob, chunk, validate)
+    except ChunkCorruptError as exc:
+        return exc
+
+
+def _decode_run(raw: bytes, start: int, chunks: list[ChunkInfo], blob: BlobInfo,
+                validate: bool) -> list[bytes | ChunkCorruptError]:
+    """Decode every chunk of a merged request (run in a worker thread); errors are returned."""
+    return [_decode_one(raw, start, c, blob, validate) for c in chunks]
 
 
 def _merge_runs(claimed: list, max_size: int) -> list[list]:
@@ -697,17 +714,24 @@ class BlobDevice:
                     continue
                 stats.requests += 1
                 stats.bytes += end - start
+                decoded = None
+                if sum(c.uncompressed_size for c, _ in run) >= _THREAD_DECODE_MIN:
+                    # Decompression and hashing release the GIL: a big run decodes on
+                    # another core while this loop keeps serving requests.
+                    decoded = await asyncio.get_running_loop().run_in_executor(
+                        None, _decode_run, raw, start, [c for c, _ in run], blob, validated)
                 for n, (c, f) in enumerate(run):
-                    if n and not n % _DECODE_BATCH:
-                        await asyncio.sleep(0)  # decoding a long run must not starve other requests
                     key = (c.uncompressed_offset, c.uncompressed_size)
-                    lo = c.compressed_offset - start
-                    try:
-                        data = decode_chunk(raw[lo:lo + c.compressed_size], blob, c, validated)
-                    except ChunkCorruptError as exc:
-                        stats.errors.append(exc)
-                        results[key] = exc
-                        flights.finish(key, f, exc=exc)
+                    if decoded is not None:
+                        data = decoded[n]
+                    else:
+                        if n and not n % _DECODE_BATCH:
+                            await asyncio.sleep(0)  # decoding a long run must not starve other requests
+                        data = _decode_one(raw, start, c, blob, validated)
+                    if isinstance(data, ChunkCorruptError):
+                        stats.errors.append(data)
+                        results[key] = data
+                        flights.finish(key, f, exc=data)
                         continue
                     if state.cache is not None:
                         if state.cache.store(c, data) and validated:
