@@ -40,7 +40,7 @@ log = logging.getLogger("nydus_vfs.fs")
 
 _CHUNK_CACHE_MAX = 4096
 # Largest image (in chunks) whose blob-order index is built for amplify_io.
-_ORDER_MAX_CHUNKS = 1 << 19
+_ORDER_MAX_CHUNKS = 1 << 18
 #: An image never changes while mounted: the kernel may cache for a day.
 _TIMEOUT = 86400.0
 
