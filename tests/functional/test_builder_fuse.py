@@ -14,6 +14,7 @@ import pytest
 
 from nydus_vfs.builder import BuildOptions, build
 from nydus_vfs.format.types import Compressor, Digester
+from nydus_vfs.transport.fusedev import is_mountpoint
 from tests.conftest import requires_fuse
 from tests.functional.builder_helpers import diff_snapshots, make_rich_tree, snapshot_dir
 from tests.functional.nydusd_helpers import Nydusd, write_localfs_config
@@ -39,7 +40,7 @@ def nydusd_works(tmp_path_factory) -> None:
     (tmp / "src" / "f").write_bytes(b"probe")
     build(str(tmp / "src"), BuildOptions(bootstrap=str(tmp / "boot"), blob_dir=str(tmp)))
     with _mount(tmp, tmp / "boot", tmp) as m:
-        if m.error or not os.path.ismount(m.mnt):
+        if m.error or not is_mountpoint(str(m.mnt)):
             pytest.skip(f"nydusd fuse cannot mount an image here yet: {m.error[-800:]}")
         try:
             ok = (m.mnt / "f").read_bytes() == b"probe"

@@ -20,6 +20,7 @@ import subprocess
 
 import pytest
 
+from nydus_vfs.transport.fusedev import is_mountpoint
 from tests.conftest import PROJECT_ROOT, linked_blob_dir, requires_fuse
 from tests.functional.nydusd_helpers import NYDUSD, Nydusd, write_localfs_config
 from tests.unit.format.format_factory import BLOB_A, BLOB_B, build_v5, d, file_of
@@ -82,7 +83,7 @@ def test_v5_vector_tree_matches_expected_result(tmp_path, v5_vector, which):
     assert got_md5 == want_md5
     assert len(want_md5) == 23
     assert rc == 0
-    assert not os.path.ismount(d.mnt)
+    assert not is_mountpoint(str(d.mnt))
 
 
 def test_v6_vector_reads_back_with_digests_verified(tmp_path, v6_vector):
@@ -160,7 +161,7 @@ def test_bad_bootstraps_are_refused_with_a_clear_message(tmp_path, v5_vector, v6
     assert r.returncode == 1
     assert "bad.boot" in r.stderr and "not a valid RAFS image" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    assert not os.path.ismount(mnt)
+    assert not is_mountpoint(str(mnt))
 
 
 def test_fifo_at_a_blob_path_gives_eio_and_the_daemon_keeps_serving(tmp_path):
@@ -195,7 +196,8 @@ def test_invalid_config_is_refused_at_start(tmp_path, v5_vector):
                                  str(v5_vector["boots"][0]), "--config", str(cfg)],
                        capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT)
     assert r.returncode == 1
-    assert "invalid configuration" in r.stderr and "Traceback" not in r.stderr
+    assert "failed to parse configuration information: mode: missing required key" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_version_lines():

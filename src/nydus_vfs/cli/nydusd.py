@@ -22,8 +22,8 @@ import signal
 import sys
 
 from .._version import version_text
-from ..config import localfs_dir_config, parse_daemon_config
-from ..errors import ConfigError, NydusError
+from ..config import load_config_file, localfs_dir_config
+from ..errors import ConfigError, NydusError, TransportError
 from ..utils.logging import setup_logging
 
 __all__ = ["main", "build_parser"]
@@ -114,6 +114,16 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--shared-dir (passthrough_fs) is not supported by this nydusd yet")
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
+    if args.upgrade:
+        # Upstream waits in INIT for a takeover from the supervisor; without takeover
+        # support that would wait forever, so say so instead.
+        raise ConfigError("--upgrade: hot upgrade / takeover is not supported by this nydusd")
+    if getattr(args, "dedup_db", None):
+        log.warning("--dedup-db %s: chunk deduplication across images is not supported by this "
+                    "nydusd; ignored", args.dedup_db)
+    if getattr(args, "writable", False) and not args.shared_dir:
+        log.warning("--writable: RAFS images are read-only and no overlay is supported; writes "
+                    "will fail with EROFS")
 
 
 def _load_config(args: argparse.Namespace):
@@ -122,12 +132,7 @@ def _load_config(args: argparse.Namespace):
             raise ConfigError(f"--localfs-dir {args.localfs_dir}: not a directory")
         return localfs_dir_config(args.localfs_dir)
     if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ConfigError(f"--config {args.config}: {exc.strerror}") from None
-        return parse_daemon_config(text)
+        return load_config_file(args.config)
     if args.bootstrap:
         raise ConfigError("both --config and --localfs-dir are missing")
     return None
@@ -139,8 +144,8 @@ def _prefetch_list(path: str | None) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:
             lines = [ln.strip() for ln in f]
-    except OSError as exc:
-        raise ConfigError(f"--prefetch-files {path}: {exc.strerror}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prefetch-files {path}: {getattr(exc, 'strerror', None) or exc}") from None
     return [ln for ln in lines if ln]
 
 
@@ -167,56 +172,87 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+#: Signals that stop the daemon gracefully (unmount, exit 0), and those only logged.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+_LOGGED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE)
+_early_signal: list[int] = []
+
+
+def _early_handler(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    # Before the loop runs (and after it closed) a stop signal is remembered, never fatal.
+    _early_signal.append(signum)
+
+
+def _install_process_handlers() -> None:
+    for sig in _STOP_SIGNALS + _LOGGED_SIGNALS:
+        signal.signal(sig, _early_handler)
+
+
+def _failover_refusal(mountpoint: str, apisock: str | None) -> str | None:
+    """Why a FUSE start must not go ahead on a mountpoint left by a crashed daemon, or None."""
+    from ..transport.fusedev import mounts_at, resolve_mountpoint, top_mount
+
+    here = mounts_at(resolve_mountpoint(mountpoint))
+    if not here:
+        return None
+    top = top_mount(here)
+    if apisock and os.path.exists(apisock):
+        import socket
+
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(apisock)
+        except OSError:
+            return (f"mountpoint {mountpoint} is still mounted ({top.fstype}, source {top.source}) and the API "
+                    f"socket {apisock} is dead: a crashed nydusd left it. Upstream would wait for a "
+                    f"takeover, which this nydusd does not support: unmount it (umount -l) and start again")
+        finally:
+            probe.close()
+    return None  # mount_fuse refuses a mounted mountpoint with its own message
+
+
 async def _serve(args: argparse.Namespace, command: str) -> int:
-    from ..service.daemon import Daemon, MountError
+    from ..service import NydusDaemon
 
     config = _load_config(args)
-    daemon = Daemon()
-    if args.bootstrap:
-        try:
-            daemon.mount_rafs(args.virtual_mountpoint, args.bootstrap, config,
-                              _prefetch_list(args.prefetch_files))
-        except MountError as exc:
-            raise ConfigError(str(exc)) from None
-    if args.apisock:
-        log.warning("--apisock %s: the HTTP API is not served by this version yet", args.apisock)
-
+    prefetch = _prefetch_list(args.prefetch_files)
+    if command == "fuse":
+        reason = _failover_refusal(args.mountpoint, args.apisock)
+        if reason:
+            raise TransportError(reason)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    daemon = NydusDaemon(id=args.id, supervisor=args.supervisor)
 
+    def on_stop(sig: signal.Signals) -> None:
+        daemon.request_stop(f"signal {sig.name} received")
+
+    def on_logged(sig: signal.Signals) -> None:
+        log.warning("signal %s received and ignored", sig.name)
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_stop, sig)
+    for sig in _LOGGED_SIGNALS:
+        loop.add_signal_handler(sig, on_logged, sig)
     try:
-        if command == "virtiofs":
-            from ..transport.virtiofs import serve_virtiofs
-
-            server = daemon.fuse_server()
-            await serve_virtiofs(args.sock, server, stop_event=stop)
-            return 0
-        return await _serve_fuse(args, daemon, stop)
+        async with daemon:
+            if _early_signal:
+                log.info("signal %d received during start-up: exiting", _early_signal[0])
+                return 0
+            if args.apisock:
+                await daemon.serve_api(args.apisock)
+            if args.bootstrap:
+                await daemon.mount(args.virtual_mountpoint, args.bootstrap, config, prefetch_files=prefetch)
+            if command == "virtiofs":
+                await daemon.serve_virtiofs(args.sock)
+            else:
+                await daemon.serve_fuse(args.mountpoint, writable=bool(args.writable))
+            await daemon.wait()
+        return daemon.exit_code
     finally:
-        daemon.close()
-
-
-async def _serve_fuse(args: argparse.Namespace, daemon, stop: asyncio.Event) -> int:
-    from ..transport.fusedev import FuseDevTransport, mount_fuse, unmount_fuse
-
-    server = daemon.fuse_server()
-    fd = mount_fuse(args.mountpoint, readonly=not args.writable)
-    transport = FuseDevTransport(fd, server, bufsize=server.max_write)
-    waiter = asyncio.ensure_future(stop.wait())
-    runner = asyncio.ensure_future(transport.run())
-    try:
-        done, _ = await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
-        if waiter in done:
-            log.info("signal received, unmounting %s", args.mountpoint)
-    finally:
-        transport.stop()
-        await asyncio.gather(runner, return_exceptions=True)
-        waiter.cancel()
-        unmount_fuse(args.mountpoint)
-        os.close(fd)
-    return 0
+        # Keep signals harmless until the process is gone: asyncio restores SIG_DFL
+        # when the loop closes, and a late SIGTERM must not kill us with -15.
+        _install_process_handlers()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if command == "fuse" and not args.mountpoint:
         parser.error("the following arguments are required: --mountpoint")
+    _install_process_handlers()
     try:
         setup_logging(args.log_level, args.log_file, args.log_rotation_size)
     except (OSError, ValueError) as exc:
@@ -244,13 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             return loop.run_until_complete(_serve(args, command))
         finally:
             loop.close()
-    except ConfigError as exc:
-        log.error("invalid configuration: %s", exc)
-        print(f"nydusd: invalid configuration: {exc}", file=sys.stderr)
-        return 1
-    except NydusError as exc:  # TransportError, MountError, StorageError...
+    except NydusError as exc:  # ConfigError, TransportError, MountError, StorageError...
         log.error("%s", exc)
-        print(f"nydusd: {exc}", file=sys.stderr)
+        if args.log_file:  # otherwise the log line above already went to stderr
+            print(f"nydusd: {exc}", file=sys.stderr)
         return 1
     except Exception:  # a bug: say so plainly, keep the traceback in the log
         log.exception("internal error")

@@ -22,9 +22,9 @@ goes through :meth:`Vfs._resolve` (nodeid -> instance, local inode) and its
 answer through the ``_export_*`` helpers (local -> nodeid).  Immutable
 instances (RAFS) get their attributes and lookups memoised here; the others
 are asked every time.  Per-instance accounting (fop_hits/fop_errors,
-nydus-surface.md §3.5) belongs in one spot: wrap the instance when it is
-attached in :meth:`Vfs.mount`, and count the memoised GETATTR/LOOKUP answers in
-the two cache-hit branches.
+nydus-surface.md §3.5) is done in two places: :meth:`Vfs.account`, which the
+FUSE server calls after every request but READ, and :meth:`Vfs.read` (size and
+latency too).
 """
 
 from __future__ import annotations
@@ -45,12 +45,14 @@ from ..fuse.ops import (
     DirEntry,
     Entry,
     FileLock,
+    FileSegment,
     Operations,
     ReadData,
     SetAttr,
     StatFs,
 )
 from ._seam import FileSystem
+from .metrics import FOP_INDEX, FsMetrics
 
 __all__ = ["Vfs", "MAX_INSTANCES"]
 
@@ -69,6 +71,21 @@ _DT_DIR = 4
 _NO_CTX = Context()
 
 _LOOKUP_CACHE_MAX = 1 << 20
+
+# FUSE opcode -> index in upstream's FOP counters (fs/metrics.py).
+_FOP_OF_OPCODE = {1: FOP_INDEX["lookup"], 2: FOP_INDEX["forget"], 3: FOP_INDEX["getattr"],
+                  5: FOP_INDEX["readlink"], 14: FOP_INDEX["open"], 17: FOP_INDEX["statfs"],
+                  18: FOP_INDEX["release"], 22: FOP_INDEX["getxattr"], 23: FOP_INDEX["listxattr"],
+                  27: FOP_INDEX["opendir"], 28: FOP_INDEX["readdir"], 34: FOP_INDEX["access"],
+                  42: FOP_INDEX["batch_forget"], 44: FOP_INDEX["readdirplus"]}
+_FOP_READ = FOP_INDEX["read"]
+_FOP_OPEN = FOP_INDEX["open"]
+
+
+def _data_len(data) -> int:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return len(data)
+    return sum(item.length if isinstance(item, FileSegment) else len(item) for item in data)
 
 # fuse_init_in flags the kernel offers (include/uapi/linux/fuse.h).
 _NO_OPEN_SUPPORT = 1 << 17
@@ -112,6 +129,7 @@ class Vfs(Operations):
         self._pseudo: dict[int, _PseudoNode] = {ROOT_ID: self._root}
         self._next_pseudo = ROOT_ID + 1
         self._instances: dict[int, FileSystem] = {}
+        self._metrics: dict[int, FsMetrics] = {}
         self._paths: dict[int, str] = {}
         self._free = deque(range(1, MAX_INSTANCES + 1))
         self._root_index: int | None = None
@@ -121,8 +139,10 @@ class Vfs(Operations):
         self._skip_opendir = False
 
     # -- mount table (Python API; the HTTP API drives it) -------------------------------
-    def mount(self, path: str, fs: FileSystem) -> int:
+    def mount(self, path: str, fs: FileSystem, *, metrics: FsMetrics | None = None) -> int:
         """Mount ``fs`` at pseudo ``path``; returns its instance index.
+
+        ``metrics`` receives the counters of every request routed to ``fs``.
 
         FsError(EEXIST) if something is mounted there, EINVAL for a bad path,
         EBUSY under another mountpoint, ENOSPC when all 255 instance slots are
@@ -151,6 +171,7 @@ class Vfs(Operations):
             raise FsError(errno.ENOSPC, "too many mounted instances")
         idx = self._free.popleft()
         self._instances[idx] = fs
+        self._metrics[idx] = metrics if metrics is not None else FsMetrics(path)
         self._paths[idx] = "/" + "/".join(p.decode() for p in parts)
         node.mount = idx
         if node is self._root:
@@ -170,10 +191,43 @@ class Vfs(Operations):
             self._root_index = None
         fs = self._instances.pop(idx)
         del self._paths[idx]
+        self._metrics.pop(idx, None)
         self._free.append(idx)
+        self._prune(node)
         self._invalidate()
         log.info("unmounted %s (instance %d)", path, idx)
         return fs
+
+    def _prune(self, node: _PseudoNode) -> None:
+        # Pseudo directories exist only to hold mounts: drop the ones left empty, up
+        # to the root, so mount/umount cycles do not accumulate them.  Their nodeids
+        # are never reused; a kernel still holding one gets ENOENT.
+        while node is not self._root and node.mount is None and not node.children:
+            parent = node.parent
+            del parent.children[node.name]
+            del self._pseudo[node.ino]
+            parent.attr = _dir_attr(parent)
+            node = parent
+
+    def pseudo_nodes(self) -> int:
+        """Number of pseudo directories, the root included (diagnostics and leak tests)."""
+        return len(self._pseudo)
+
+    def parent_entry(self, path: str) -> tuple[int | None, bytes]:
+        """(nodeid of the pseudo parent, name) of ``path``, as the kernel knows them.
+
+        The parent is None when it does not exist (nothing to invalidate) or when
+        ``path`` is the root.
+        """
+        parts = _split(path)
+        if not parts:
+            return None, b""
+        node = self._root
+        for part in parts[:-1]:
+            node = node.children.get(part)
+            if node is None:
+                return None, parts[-1]
+        return node.ino, parts[-1]
 
     def instance_at(self, path: str) -> FileSystem | None:
         node = self._node_at(path)
@@ -403,7 +457,33 @@ class Vfs(Operations):
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EISDIR)
-        return await fs.read(local, fh, offset, size, ctx)
+        m = self._metrics.get(self._index_of(nodeid))
+        if m is None:
+            return await fs.read(local, fh, offset, size, ctx)
+        started = time.perf_counter_ns()
+        try:
+            data = await fs.read(local, fh, offset, size, ctx)
+        except FsError:
+            m.error(_FOP_READ, local)
+            raise
+        m.hit(_FOP_READ, local)
+        m.read(local, _data_len(data), time.perf_counter_ns() - started)
+        return data
+
+    def account(self, opcode: int, nodeid: int, error: int) -> None:
+        fop = _FOP_OF_OPCODE.get(opcode)
+        if fop is None:
+            return
+        m = self._metrics.get(self._index_of(nodeid))
+        if m is None:
+            return
+        local = nodeid & _LOCAL_MASK
+        if error:
+            m.error(fop, local)
+        else:
+            m.hit(fop, local)
+            if fop == _FOP_OPEN:
+                m.opened()
 
     def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
         if not self.writable:

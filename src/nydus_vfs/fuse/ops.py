@@ -240,6 +240,14 @@ class Operations:
         Drop every per-session handle; nodeids handed out are no longer referenced.
         """
 
+    def account(self, opcode: int, nodeid: int, error: int) -> None:
+        """Called after each request but READ with its outcome (``error`` 0 or an errno).
+
+        Optional (for per-filesystem counters); the server only calls it when a
+        subclass overrides it.  Must not raise.  READ is left to :meth:`read`
+        itself, which alone knows when a suspended read finishes.
+        """
+
     # -- names and inodes -----------------------------------------------------
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         """Resolve ``name`` (no '/', not empty, at most 255 bytes) in directory ``parent``.

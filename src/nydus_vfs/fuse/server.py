@@ -111,6 +111,7 @@ _CREATE_OPEN = abi.fuse_open_out.pack           # fuse_open_out after the entry 
 _DIRENT = abi.fuse_dirent.pack
 
 _HDR = 40                                        # sizeof(fuse_in_header)
+_READ = int(abi.Opcode.READ)
 _ATTR_REPLY_LEN = 16 + abi.FUSE_ATTR_OUT_SIZE    # 120
 _ENTRY_REPLY_LEN = 16 + abi.FUSE_ENTRY_OUT_SIZE  # 144
 _ZERO_ATTR = bytes(abi.fuse_attr.size)
@@ -293,6 +294,7 @@ class FuseServer:
         self._read = ops.read
         self._readdir = ops.readdir
         self._readdirplus = ops.readdirplus
+        self._account = ops.account if type(ops).account is not Operations.account else None
 
         self._running_table = self._build_running_table()
         self._idle_table = self._build_idle_table()
@@ -331,11 +333,15 @@ class FuseServer:
         try:
             reply = handler(request, n, unique, nodeid, ctx, out_capacity)
         except FsError as exc:
+            if self._account is not None and opcode != _READ:
+                self._account(opcode, nodeid, exc.errno_value)
             return error_reply(unique, exc.errno_value)
         except Exception:
             self._warn("opcode %d unique %#x nodeid %d: filesystem bug, replying EIO",
                        opcode, unique, nodeid, exc_info=True, level=logging.ERROR)
             return error_reply(unique, errno.EIO)
+        if self._account is not None and opcode != _READ:
+            self._account(opcode, nodeid, 0)
         if out_capacity is not None and type(reply) is bytes and len(reply) > out_capacity:
             self._warn("opcode %d unique %#x: %d-byte reply exceeds the %d writable bytes; replying EINVAL",
                        opcode, unique, len(reply), out_capacity)

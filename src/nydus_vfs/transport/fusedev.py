@@ -32,15 +32,28 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import stat as _stat
 import struct
 import termios
+from typing import NamedTuple
 
 from ..errors import TransportError
 from ..fuse.codec import OutHeader, error_reply
 from ..fuse.ops import FileSegment
 
-__all__ = ["FuseDevTransport", "mount_fuse", "unmount_fuse", "is_mountpoint"]
+__all__ = [
+    "FuseDevTransport",
+    "FuseMount",
+    "MountInfo",
+    "mount_fuse",
+    "mounts_at",
+    "notify_inval_entry",
+    "parse_mountinfo",
+    "resolve_mountpoint",
+    "top_mount",
+    "is_mountpoint",
+]
 
 log = logging.getLogger("nydus_vfs.transport")
 
@@ -48,6 +61,7 @@ _MS_RDONLY = 1
 _MS_NOSUID = 2
 _MS_NODEV = 4
 _MNT_DETACH = 2
+_FUSE_NOTIFY_INVAL_ENTRY = 3
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -66,12 +80,149 @@ _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _FIONREAD_BUF = struct.Struct("i")
 
 
-def mount_fuse(mountpoint: str, *, readonly: bool = True, fsname: str = "rafs") -> int:
-    """Open ``/dev/fuse`` and mount it on ``mountpoint``; returns the session fd.
+class MountInfo(NamedTuple):
+    """One line of ``/proc/self/mountinfo`` (proc(5)): the fields we rely on."""
 
-    Raises TransportError with the reason (not root, no /dev/fuse, not a directory).
+    mount_id: int
+    parent_id: int
+    dev: str            # "major:minor"
+    mountpoint: str     # octal escapes (\\040 ...) decoded
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[MountInfo]:
+    """Parse mountinfo text (sans-IO); malformed lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        f = left.split()
+        r = right.split()
+        if not sep or len(f) < 5 or len(r) < 2:
+            continue
+        try:
+            out.append(MountInfo(int(f[0]), int(f[1]), f[2], _unescape(f[4]), r[0], _unescape(r[1])))
+        except ValueError:
+            continue
+    return out
+
+
+def mounts_at(path: str) -> list[MountInfo]:
+    """Every mount whose mount point is ``path`` (an absolute, resolved path), bottom first.
+
+    Reads ``/proc/self/mountinfo`` only: nothing here stats ``path``, so asking
+    never sends a request to a FUSE daemon serving it (possibly ourselves).
     """
-    mnt = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            text = f.read()
+    except OSError as exc:
+        raise TransportError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
+    return [m for m in parse_mountinfo(text) if m.mountpoint == path]
+
+
+def top_mount(mounts: list[MountInfo]) -> MountInfo | None:
+    """The mount visible at a path: the one no other mount at that path sits on."""
+    parents = {m.parent_id for m in mounts}
+    for m in reversed(mounts):
+        if m.mount_id not in parents:
+            return m
+    return mounts[-1] if mounts else None
+
+
+def resolve_mountpoint(mountpoint: str) -> str:
+    """Canonical absolute path of ``mountpoint`` without touching its last component.
+
+    The parent is resolved with realpath; the last component is only joined, so
+    a mountpoint served by a live (or hung) FUSE daemon is never stat'ed here.
+    """
+    path = os.path.abspath(os.fspath(mountpoint))
+    parent, name = os.path.split(path)
+    if not name:  # "/"
+        return path
+    return os.path.join(os.path.realpath(parent), name)
+
+
+class FuseMount:
+    """A ``/dev/fuse`` mount made by this process: its session fd and mount identity.
+
+    Created by :func:`mount_fuse`.  The mountpoint is resolved once, at mount
+    time, and the mount is identified by its mount id from
+    ``/proc/self/mountinfo``: :meth:`unmount` detaches only *this* mount, and
+    only while it is the one visible at the path, so a daemon never tears down a
+    mount another daemon made after someone lazily unmounted ours, nor one
+    stacked on top of it.
+    """
+
+    def __init__(self, fd: int, path: str, mount_id: int | None) -> None:
+        self.fd = fd
+        self.path = path
+        self.mount_id = mount_id
+
+    def is_mounted(self) -> bool:
+        """True while our mount is still attached at :attr:`path` (visible or not)."""
+        if self.mount_id is None:
+            return False
+        return any(m.mount_id == self.mount_id for m in mounts_at(self.path))
+
+    def unmount(self) -> bool:
+        """Lazily detach our mount if it is the visible one at the path; True if detached.
+
+        Never raises: a mount that is gone, covered by another mount, or that
+        the kernel refuses to detach is logged and left alone.  Safe to call from
+        a worker thread while the event loop keeps serving the session (the
+        kernel may need the daemon to answer while it detaches).
+        """
+        if self.mount_id is None:
+            return False
+        try:
+            here = mounts_at(self.path)
+        except TransportError as exc:
+            log.warning("not unmounting %s: %s", self.path, exc)
+            return False
+        ours = [m for m in here if m.mount_id == self.mount_id]
+        if not ours:
+            log.info("%s: our FUSE mount is already gone (unmounted from outside)", self.path)
+            self.mount_id = None
+            return False
+        top = top_mount(here)
+        if top is not None and top.mount_id != self.mount_id:
+            log.warning("not unmounting %s: another filesystem (%s, source %s) is mounted on top "
+                        "of ours", self.path, top.fstype, top.source)
+            return False
+        if _libc.umount2(self.path.encode(), _MNT_DETACH) != 0:
+            err = ctypes.get_errno()
+            log.warning("unmount of %s failed: %s", self.path, os.strerror(err))
+            return False
+        log.info("unmounted %s", self.path)
+        self.mount_id = None
+        return True
+
+    def close(self) -> None:
+        """Close the session fd (idempotent); an attached mount then answers ENOTCONN."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def mount_fuse(mountpoint: str, *, readonly: bool = True, fsname: str = "rafs") -> FuseMount:
+    """Open ``/dev/fuse`` and mount it on ``mountpoint``.
+
+    Refuses (TransportError, nothing mounted) when something is already mounted
+    there: stacking a second FUSE mount on a live or dead one hides it and
+    confuses whoever unmounts next.  Also TransportError with the reason for not
+    root, no /dev/fuse, or a mountpoint that is not a directory.
+    """
+    mnt = resolve_mountpoint(mountpoint)
+    existing = mounts_at(mnt)
+    if existing:
+        top = top_mount(existing)
+        raise TransportError(f"mountpoint {mnt} is already mounted ({top.fstype}, source "
+                             f"{top.source}); refusing to mount another filesystem on top of it")
     try:
         st = os.stat(mnt)
     except OSError as exc:
@@ -90,25 +241,38 @@ def mount_fuse(mountpoint: str, *, readonly: bool = True, fsname: str = "rafs") 
         os.close(fd)
         hint = " (mounting FUSE needs root)" if err == errno.EPERM else ""
         raise TransportError(f"mount of FUSE on {mnt} failed: {os.strerror(err)}{hint}")
-    log.info("mounted FUSE on %s", mnt)
-    return fd
+    mine = [m for m in mounts_at(mnt) if m.fstype == "fuse" and m.source == fsname]
+    mount_id = mine[-1].mount_id if mine else None
+    if mount_id is None:  # pragma: no cover - the kernel just mounted it
+        log.warning("mounted FUSE on %s but cannot find it in /proc/self/mountinfo", mnt)
+    log.info("mounted FUSE on %s (mount id %s)", mnt, mount_id)
+    return FuseMount(fd, mnt, mount_id)
 
 
-def unmount_fuse(mountpoint: str) -> None:
-    """Lazily detach the FUSE mount at ``mountpoint``; logs (does not raise) on failure."""
-    mnt = os.path.realpath(mountpoint)
-    if _libc.umount2(mnt.encode(), _MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            log.warning("unmount of %s failed: %s", mnt, os.strerror(err))
-    else:
-        log.info("unmounted %s", mnt)
+def notify_inval_entry(fd: int, parent: int, name: bytes) -> bool:
+    """Tell the kernel to drop its dentry ``name`` under nodeid ``parent``.
+
+    Blocking: the kernel takes the parent directory's lock, which a LOOKUP in
+    flight holds until the daemon answers it, so call this from a worker thread
+    while the event loop keeps serving, never from the loop.  Returns False when
+    the kernel did not know the entry (ENOENT) or the session is gone.
+    """
+    payload = struct.pack("<QII", parent, len(name), 0) + name + b"\0"
+    header = struct.pack("<IiQ", 16 + len(payload), _FUSE_NOTIFY_INVAL_ENTRY, 0)
+    try:
+        os.write(fd, header + payload)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.ENODEV, errno.EBADF, errno.ENOTCONN):
+            log.warning("FUSE notify inval_entry(%d, %r) failed: %s", parent, name, exc)
+        return False
+    return True
 
 
 def is_mountpoint(path: str) -> bool:
+    """True when something is mounted at ``path`` (mountinfo only: never stats it)."""
     try:
-        return os.path.ismount(path)
-    except OSError:
+        return bool(mounts_at(resolve_mountpoint(path)))
+    except TransportError:
         return False
 
 

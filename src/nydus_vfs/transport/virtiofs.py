@@ -75,7 +75,7 @@ from ..errors import ConfigError, TransportError
 from ..fuse.codec import error_reply
 from ..utils.io import FileSegment
 
-__all__ = ["VirtioFsTransport", "serve_virtiofs", "ShimConfig"]
+__all__ = ["VirtioFsTransport", "serve_virtiofs", "listen_vhost_user", "ShimConfig"]
 
 log = logging.getLogger("nydus_vfs.transport.virtiofs")
 
@@ -540,13 +540,16 @@ class VirtioFsTransport:
         """The shim device of the connected front-end, if any (diagnostics and tests)."""
         return self._current.dev if self._current is not None and not self._current.closed else None
 
-    async def serve(self, sock: str | os.PathLike | socket.socket, *, stop_event: asyncio.Event) -> None:
+    async def serve(self, sock: str | os.PathLike | socket.socket, *, stop_event: asyncio.Event,
+                    path: str | None = None) -> None:
         """Listen (or use the listening socket given) and serve front-ends until ``stop_event``.
 
         A stale socket file at the path is replaced; any other file there is an
-        error.  The socket file is removed again on return.
+        error.  The socket file is removed again on return (for a socket passed
+        in, the file at ``path``, if given).
         """
-        listener, path = _listen(sock)
+        listener, bound = listen_vhost_user(sock)
+        path = bound or path
         loop = asyncio.get_running_loop()
         stop_wait = asyncio.ensure_future(stop_event.wait())
         self.listening = True
@@ -597,7 +600,13 @@ class VirtioFsTransport:
             self.finished += 1
 
 
-def _listen(sock: str | os.PathLike | socket.socket) -> tuple[socket.socket, str | None]:
+def listen_vhost_user(sock: str | os.PathLike | socket.socket) -> tuple[socket.socket, str | None]:
+    """A non-blocking listening unix socket for front-ends, and the path it was bound to.
+
+    A socket object is used as it is (path None).  A stale socket file at the
+    path is replaced; any other file there is refused with ConfigError, a bind
+    failure is TransportError.
+    """
     if isinstance(sock, socket.socket):
         sock.setblocking(False)
         return sock, None

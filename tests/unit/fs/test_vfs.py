@@ -150,10 +150,30 @@ def test_umount_makes_old_nodeids_stale_and_returns_the_instance():
     with pytest.raises(FsError) as ei:
         vfs.getattr(a.nodeid, None, CTX)
     assert ei.value.errno_value == errno.ESTALE
-    # The pseudo directory stays, empty.
-    x = vfs.lookup(1, b"x", CTX)
-    assert x.nodeid >> 56 == 0
-    assert [d.name for d in vfs.readdir(x.nodeid, 0, 0, CTX)] == [b".", b".."]
+    # The pseudo directory held only the mount: it is pruned (issue 7 item 6), and a
+    # kernel still holding its nodeid gets ENOENT.
+    with pytest.raises(FsError) as ei:
+        vfs.lookup(1, b"x", CTX)
+    assert ei.value.errno_value == errno.ENOENT
+    assert vfs.pseudo_nodes() == 1
+    with pytest.raises(FsError):
+        vfs.getattr(root.nodeid, None, CTX)
+
+
+def test_nested_mounts_prune_only_empty_pseudo_directories():
+    vfs = Vfs()
+    vfs.mount("/rafs/a/lowerdir", TreeFs())
+    vfs.mount("/rafs/b/lowerdir", TreeFs())
+    assert vfs.pseudo_nodes() == 6  # /, rafs, a, a/lowerdir, b, b/lowerdir
+    vfs.umount("/rafs/a/lowerdir")
+    assert vfs.pseudo_nodes() == 4
+    assert [d.name for d in vfs.readdir(vfs.lookup(1, b"rafs", CTX).nodeid, 0, 0, CTX)] == [b".", b"..", b"b"]
+    vfs.umount("/rafs/b/lowerdir")
+    assert vfs.pseudo_nodes() == 1
+    assert vfs.parent_entry("/rafs/b/lowerdir") == (None, b"lowerdir")
+    vfs.mount("/rafs/c/lowerdir", TreeFs())
+    parent, name = vfs.parent_entry("/rafs/c/lowerdir")
+    assert name == b"lowerdir" and parent == vfs.lookup(vfs.lookup(1, b"rafs", CTX).nodeid, b"c", CTX).nodeid
 
 
 def test_mount_errors():

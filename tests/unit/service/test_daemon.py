@@ -1,4 +1,4 @@
-"""The daemon's mount API: two images sharing a blob, refusals, unmount."""
+"""NydusDaemon without transports: mounts, sharing, refusals, lifecycle, and nothing leaking."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import os
 
 import pytest
 
-from nydus_vfs.config import localfs_dir_config, parse_daemon_config
 from nydus_vfs.errors import ConfigError
 from nydus_vfs.fuse.ops import Context, FileSegment
-from nydus_vfs.service.daemon import Daemon, MountError
-from tests.conftest import linked_blob_dir
+from nydus_vfs.service import DaemonState, MountError, NotReadyError, NydusDaemon, UnsupportedError
+from nydus_vfs.service.state import UnexpectedEventError
+
+from tests.image_helpers import localfs_config_text, make_image
 
 CTX = Context()
-LAYER_TAR = ("normal-file-test/busybox/1f777dbdd68d1c4d554bc0d20e027bfef9ed2dfe2d8d5f029e958552a0e12475/"
-             "layer.tar")
 
 
 def _resolve(vfs, path: str) -> int:
@@ -25,56 +24,138 @@ def _resolve(vfs, path: str) -> int:
     return node
 
 
-def _read_all(vfs, nodeid: int, size: int) -> bytes:
-    segs = asyncio.new_event_loop().run_until_complete(vfs.read(nodeid, 0, 0, size, CTX))
-    if isinstance(segs, (bytes, bytearray)):
-        return bytes(segs)
-    out = bytearray()
-    for s in segs:
-        out += os.pread(s.fd, s.length, s.offset) if isinstance(s, FileSegment) else bytes(s)
-    return bytes(out)
+async def _read(vfs, path: str, size: int = 1 << 20) -> bytes:
+    data = await vfs.read(_resolve(vfs, path), 0, 0, size, CTX)
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    return b"".join(os.pread(s.fd, s.length, s.offset) if isinstance(s, FileSegment) else bytes(s)
+                    for s in data)
 
 
-def _backend_reads(*instances) -> int:
-    backends = {id(fs.device.backend): fs.device.backend for fs in instances}
-    return sum(b.metrics.read_count for b in backends.values())
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
-def test_two_images_sharing_a_blob_fetch_each_chunk_once(tmp_path, v5_vector):
-    # Both v5 vectors reference blob 7334a259…: one shared cache state in the daemon.
-    cfg = localfs_dir_config(str(linked_blob_dir(v5_vector["blob_dir"], tmp_path / "blobs")))
-    daemon = Daemon()
-    a = daemon.mount_rafs("/a", str(v5_vector["boots"][0]), cfg)
-    b = daemon.mount_rafs("/rafs/b/lowerdir", str(v5_vector["boots"][1]), cfg)
-    first = _read_all(daemon.vfs, _resolve(daemon.vfs, "/a/" + LAYER_TAR), 1 << 20)
-    after_a = _backend_reads(a, b)
-    second = _read_all(daemon.vfs, _resolve(daemon.vfs, "/rafs/b/lowerdir/" + LAYER_TAR), 1 << 20)
-    assert first == second and len(first) == 1 << 20
-    assert after_a >= 1
-    assert _backend_reads(a, b) == after_a, "the second image re-fetched chunks the first one cached"
-    daemon.close()
-    assert daemon.vfs.mounts() == {}
+@pytest.fixture
+def images(tmp_path):
+    shared = os.urandom(200_000)
+    a, blobs = make_image(tmp_path, "a", {"shared.bin": shared, "a.txt": b"alpha"})
+    b, _ = make_image(tmp_path, "b", {"shared.bin": shared, "b.txt": b"beta"})
+    return {"a": a, "b": b, "blobs": blobs, "shared": shared,
+            "config": localfs_config_text(blobs, tmp_path / "cache")}
 
 
-def test_mount_refusals_leave_nothing_mounted(tmp_path, v5_vector):
-    daemon = Daemon()
-    cfg = localfs_dir_config(str(linked_blob_dir(v5_vector["blob_dir"], tmp_path / "blobs")))
-    bad = tmp_path / "bad.boot"
-    bad.write_bytes(b"\0" * 9000)
-    with pytest.raises(MountError, match="not a valid RAFS image"):
-        daemon.mount_rafs("/", str(bad), cfg)
-    with pytest.raises(MountError, match="No such file"):
-        daemon.mount_rafs("/", str(tmp_path / "missing.boot"), cfg)
-    with pytest.raises(MountError, match="absolute"):
-        daemon.mount_rafs("/", str(v5_vector["boots"][0]), cfg, prefetch_files=["relative/path"])
-    registry = parse_daemon_config('{"device": {"backend": {"type": "registry", "config": '
-                                   '{"host": "example.invalid", "repo": "library/x"}}}, "mode": "direct"}')
-    with pytest.raises(ConfigError, match="not supported"):
-        daemon.mount_rafs("/", str(v5_vector["boots"][0]), registry)
-    assert daemon.vfs.mounts() == {}
-    daemon.mount_rafs("/", str(v5_vector["boots"][0]), cfg)
-    with pytest.raises(MountError, match="already mounted"):
-        daemon.mount_rafs("/", str(v5_vector["boots"][0]), cfg)
-    daemon.umount("/")
-    with pytest.raises(MountError):
-        daemon.umount("/")
+def test_mount_read_umount_and_one_backend_shared(images):
+    async def run():
+        async with NydusDaemon() as d:
+            await d.mount("/a", str(images["a"]), images["config"])
+            await d.mount("/rafs/b/lowerdir", str(images["b"]), images["config"])
+            assert len(d.backends()) == 1, "alike backend configs must share one backend"
+            assert await _read(d.vfs, "/a/a.txt") == b"alpha"
+            assert await _read(d.vfs, "/rafs/b/lowerdir/b.txt") == b"beta"
+            assert set(d.mounts()) == {"/a", "/rafs/b/lowerdir"}
+            info = d.info()
+            assert info["state"] == "INIT"
+            assert info["backend_collection"]["/a"]["backend_type"] == "Rafs"
+            await d.umount("/rafs/b/lowerdir")
+            assert d.vfs.pseudo_nodes() == 2, "empty pseudo directories /rafs and /rafs/b must be pruned"
+            await d.umount("/a")
+            assert d.backends() == []
+        assert d.state is DaemonState.STOPPED
+
+    asyncio.run(run())
+
+
+def test_refusals_leave_nothing_mounted(images, tmp_path):
+    async def run():
+        async with NydusDaemon() as d:
+            bad = tmp_path / "bad.boot"
+            bad.write_bytes(b"\0" * 9000)
+            with pytest.raises(MountError, match="not a valid RAFS image"):
+                await d.mount("/x", str(bad), images["config"])
+            with pytest.raises(MountError, match="No such file"):
+                await d.mount("/x", str(tmp_path / "missing.boot"), images["config"])
+            with pytest.raises(MountError, match="absolute"):
+                await d.mount("/x", str(images["a"]), images["config"], prefetch_files=["rel/path"])
+            with pytest.raises(MountError, match="invalid component"):
+                await d.mount("/x/../y", str(images["a"]), images["config"])
+            with pytest.raises(MountError, match="only 'rafs' and 'passthrough_fs'"):
+                await d.mount("/x", str(images["a"]), images["config"], fs_type="ext4")
+            with pytest.raises(ConfigError, match="failed to parse"):
+                await d.mount("/x", str(images["a"]), "{not json")
+            with pytest.raises(ConfigError, match="enable_encryption"):
+                await d.mount("/x", str(images["a"]), localfs_config_text(
+                    images["blobs"], tmp_path / "c2") .replace('"work_dir"', '"enable_encryption": true, '
+                                                                '"encryption_key": "' + "ab" * 32 + '", "work_dir"'))
+            assert d.mounts() == {} and d.backends() == [] and d.vfs.pseudo_nodes() == 1
+            await d.mount("/x", str(images["a"]), images["config"])
+            with pytest.raises(MountError, match="already exists"):
+                await d.mount("/x", str(images["b"]), images["config"])
+            with pytest.raises(MountError, match="no filesystem"):
+                await d.umount("/nothing")
+            with pytest.raises(UnsupportedError):
+                await d.remount("/x", str(images["b"]), images["config"], fs_type="passthrough_fs")
+
+    asyncio.run(run())
+
+
+def test_remount_swaps_the_image_and_keeps_the_old_on_failure(images, tmp_path):
+    async def run():
+        async with NydusDaemon() as d:
+            await d.mount("/m", str(images["a"]), images["config"])
+            bad = tmp_path / "bad.boot"
+            bad.write_bytes(b"garbage")
+            with pytest.raises(MountError):
+                await d.remount("/m", str(bad), images["config"])
+            assert await _read(d.vfs, "/m/a.txt") == b"alpha"
+            await d.remount("/m", str(images["b"]), images["config"])
+            assert await _read(d.vfs, "/m/b.txt") == b"beta"
+            assert len(d.backends()) == 1
+
+    asyncio.run(run())
+
+
+def test_cycles_leak_no_fds_backends_or_pseudo_nodes(images):
+    async def run():
+        async with NydusDaemon() as d:
+            await d.mount("/warm", str(images["a"]), images["config"])
+            await d.umount("/warm")
+            before = _open_fds()
+            for i in range(50):
+                await d.mount(f"/rafs/c{i}/lowerdir", str(images["a"]), images["config"])
+                assert await _read(d.vfs, f"/rafs/c{i}/lowerdir/shared.bin") == images["shared"]
+                await d.umount(f"/rafs/c{i}/lowerdir")
+            assert _open_fds() == before
+            assert d.backends() == [] and d.vfs.pseudo_nodes() == 1 and len(d.blob_layer) == 0
+
+    asyncio.run(run())
+
+
+def test_lifecycle_and_mounts_refused_once_stopped(images):
+    async def run():
+        d = NydusDaemon()
+        async with d:
+            with pytest.raises(UnexpectedEventError):
+                d.start()  # INIT: nothing to start yet
+        assert d.state is DaemonState.STOPPED
+        with pytest.raises(NotReadyError):
+            await d.mount("/a", str(images["a"]), images["config"])
+        await d.wait()  # returns at once
+
+    asyncio.run(run())
+
+
+def test_runtime_config_is_stored_per_id_and_unknown_keys_refused(images):
+    async def run():
+        async with NydusDaemon() as d:
+            await d.mount("/a", str(images["a"]), images["config"])
+            d.set_runtime_config("/a", {"registry_auth": "dXNlcjpwYXNz"})
+            assert d.get_runtime_config("/a") == {"registry_auth": "dXNlcjpwYXNz"}
+            assert d.get_runtime_config(None) == {"/a:registry_auth": "dXNlcjpwYXNz"}
+            from nydus_vfs.service import ServiceError
+
+            with pytest.raises(ServiceError, match="unknown configuration key"):
+                d.set_runtime_config("/a", {"proxy_url": "http://p", "bogus": "1"})
+            assert d.get_runtime_config("/a")["proxy_url"] == "http://p"
+
+    asyncio.run(run())
