@@ -213,7 +213,7 @@ def _failover_refusal(mountpoint: str, apisock: str | None) -> str | None:
 
 
 async def _serve(args: argparse.Namespace, command: str) -> int:
-    from ..service import NydusDaemon
+    from ..service import NotReadyError, NydusDaemon
 
     config = _load_config(args)
     prefetch = _prefetch_list(args.prefetch_files)
@@ -243,10 +243,13 @@ async def _serve(args: argparse.Namespace, command: str) -> int:
                 await daemon.serve_api(args.apisock)
             if args.bootstrap:
                 await daemon.mount(args.virtual_mountpoint, args.bootstrap, config, prefetch_files=prefetch)
-            if command == "virtiofs":
-                await daemon.serve_virtiofs(args.sock)
-            else:
-                await daemon.serve_fuse(args.mountpoint, writable=bool(args.writable))
+            try:
+                if command == "virtiofs":
+                    await daemon.serve_virtiofs(args.sock)
+                else:
+                    await daemon.serve_fuse(args.mountpoint, writable=bool(args.writable))
+            except NotReadyError:
+                pass  # a signal arrived during start-up: stop cleanly
             await daemon.wait()
         return daemon.exit_code
     finally:

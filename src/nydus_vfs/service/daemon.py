@@ -52,7 +52,8 @@ from ..errors import ConfigError, FormatError, FsError, StorageError
 from ..fs.metrics import FsMetrics
 from ..fs import RafsFs, Vfs, load_bootstrap
 from ..fuse import FuseServer
-from ..storage import BlobBackend, BlobLayer, CacheSpec, LocalfsBackend
+from ..storage import BlobBackend, BlobLayer, CacheSpec
+from ..storage.backend import backend_events, create_backend
 from ._errors import MountError, NotReadyError, ServiceError, UnsupportedError
 from .metrics import DaemonMetrics
 from .state import DaemonEvent, DaemonState, DaemonStateMachine
@@ -64,7 +65,6 @@ __all__ = [
     "NotReadyError",
     "UnsupportedError",
     "FS_TYPES",
-    "backend_from_config",
     "cache_from_config",
 ]
 
@@ -82,19 +82,6 @@ _ALREADY_EXISTS = "object or filesystem already exists"
 RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
 _RUNTIME_SETTERS = {"registry_auth": "set_auth", "proxy_url": "set_proxy_url",
                     "dragonfly_scheduler_endpoint": "set_scheduler_endpoint"}
-
-
-def backend_from_config(config: DaemonConfig) -> BlobBackend:
-    """A new storage backend for ``config``; ConfigError for types not served yet."""
-    b = config.backend
-    if b is None:
-        raise ConfigError("backend: a RAFS mount needs a backend section")
-    if b.type == "localfs":
-        lc = b.localfs
-        return LocalfsBackend(dir=lc.dir or None, blob_file=lc.blob_file or None,
-                              alt_dirs=tuple(lc.alt_dirs or ()))
-    raise ConfigError(f"backend.type: {b.type!r} is not supported by this nydusd yet "
-                      f"(supported: localfs)")
 
 
 def cache_from_config(config: DaemonConfig) -> CacheSpec:
@@ -288,7 +275,7 @@ class NydusDaemon:
             try:
                 self.vfs.mount(mountpoint, inst.fs, metrics=inst.metrics)
             except FsError as exc:
-                self._release(inst)
+                await self._release(inst)
                 if exc.errno == errno.EEXIST:
                     raise MountError(_ALREADY_EXISTS) from None
                 raise MountError(f"mount at {mountpoint}: {exc.strerror}") from None
@@ -320,10 +307,10 @@ class NydusDaemon:
                 self.vfs.umount(path)
                 self.vfs.mount(path, inst.fs, metrics=inst.metrics)
             except FsError as exc:  # pragma: no cover - the path was just freed
-                self._release(inst)
+                await self._release(inst)
                 raise MountError(f"remount at {mountpoint}: {exc.strerror}") from None
             self._instances[path] = inst
-            self._release(old)
+            await self._release(old)
             self._invalidate(path)
             self._after_mount(inst)
 
@@ -343,7 +330,7 @@ class NydusDaemon:
             t.cancel()
         if inst.tasks:
             await asyncio.gather(*inst.tasks, return_exceptions=True)
-        self._release(inst)
+        await self._release(inst)
         self._invalidate(path)
         log.info("%s unmounted (%s)", path, inst.source)
 
@@ -368,7 +355,7 @@ class NydusDaemon:
             raise MountError(f"bootstrap {source}: {exc.strerror or exc}") from None
         except FormatError as exc:
             raise MountError(f"bootstrap {source} is not a valid RAFS image: {exc}") from None
-        key, backend = self._acquire_backend(cfg)
+        key, backend = await self._acquire_backend(cfg, _norm(mountpoint))
         rafs = cfg.rafs
         validate = bool(rafs.validate) if rafs is not None else False
         xattr = bool(rafs.enable_xattr) if rafs is not None else False
@@ -377,7 +364,7 @@ class NydusDaemon:
             device = self.blob_layer.open_device(bootstrap.blobs, backend, cache, digest_validate=validate,
                                                  amplify_io=amplify)
         except (StorageError, ConfigError, OSError) as exc:
-            self._drop_backend(key)
+            await self._drop_backend(key)
             raise MountError(f"blob cache for {source}: {exc}") from None
         fs = RafsFs(bootstrap, device, enable_xattr=xattr, source=source)
         log.info("RAFS v%d %s loaded for %s (%d blobs, digest_validate=%s)", bootstrap.version,
@@ -393,34 +380,36 @@ class NydusDaemon:
             _warn_once("prefetch", "%s: prefetch is not implemented yet; %d prefetch files ignored",
                        inst.mountpoint, len(inst.prefetch_files))
 
-    def _release(self, inst: _Instance) -> None:
+    async def _release(self, inst: _Instance) -> None:
         fs = inst.fs
         with contextlib.suppress(Exception):
             fs.close()
         if inst.backend_key is not None:
-            self._drop_backend(inst.backend_key)
+            await self._drop_backend(inst.backend_key)
 
-    def _acquire_backend(self, cfg: DaemonConfig) -> tuple[Hashable, BlobBackend]:
-        backend = backend_from_config(cfg)
+    async def _acquire_backend(self, cfg: DaemonConfig, backend_id: str) -> tuple[Hashable, BlobBackend]:
+        backend = create_backend(cfg.backend, backend_id=backend_id)
         key = backend.identity
         shared = self._backends.get(key)
         if shared is None:
             shared = self._backends[key] = _SharedBackend(backend)
         else:
-            backend.close()
+            await backend.aclose()
         shared.users += 1
         return key, shared.backend
 
-    def _drop_backend(self, key: Hashable) -> None:
+    async def _drop_backend(self, key: Hashable) -> None:
         shared = self._backends.get(key)
         if shared is None:
             return
         shared.users -= 1
         if shared.users <= 0:
             del self._backends[key]
-            with contextlib.suppress(Exception):
-                shared.backend.close()
-            log.debug("backend %r closed (last user gone)", key)
+            try:
+                await shared.backend.aclose()
+            except Exception:
+                log.exception("closing backend %s failed", shared.backend.type_name)
+            log.debug("%s backend closed (last user gone)", shared.backend.type_name)
 
     def backends(self) -> list[BlobBackend]:
         """The live backends, each once (shared by the instances configured alike)."""
@@ -457,6 +446,11 @@ class NydusDaemon:
 
         loop = asyncio.get_running_loop()
         mount = await loop.run_in_executor(None, lambda: mount_fuse(mountpoint, readonly=not writable))
+        if self._stopping is not None or self.state is DaemonState.STOPPED:
+            # A stop came while the kernel was mounting: it could not see this mount.
+            await loop.run_in_executor(None, mount.unmount)
+            mount.close()
+            raise NotReadyError("the daemon is stopping")
         server = self.new_fuse_server()
         session = _FuseSession(self, mount, server)
         self._fuse = session
@@ -522,8 +516,6 @@ class NydusDaemon:
 
     def events(self) -> dict[str, Any]:
         """The ring of recent backend read failures (``/api/v1/daemon/events``)."""
-        from ..storage import backend_events
-
         return backend_events()
 
     def superblock_info(self, mountpoint: str) -> dict[str, Any]:
