@@ -1,6 +1,6 @@
 """Blob cache and prefetch through the daemon: an image built with ``nydus-image create
---prefetch-policy fs`` (patterns on stdin), mounted by ``service.Daemon`` with a v1 config
-(localfs backend, blobcache, ``fs_prefetch``), prefetched by ``fs.prefetch_rafs``.
+--prefetch-policy fs`` (patterns on stdin), mounted by ``service.NydusDaemon`` with a v1 config
+(localfs backend, blobcache, ``fs_prefetch``), prefetched in the background by the daemon (``fs.prefetch_rafs``).
 
 Backend traffic is measured with the localfs backend's own counters
 (``read_count``), the cache state with the chunk map files on disk.
@@ -19,8 +19,7 @@ import sys
 import pytest
 
 from nydus_vfs.config import load_config_file
-from nydus_vfs.fs import prefetch_config, prefetch_rafs
-from nydus_vfs.service.daemon import Daemon
+from nydus_vfs.service import NydusDaemon
 from tests.conftest import requires_fuse
 from tests.functional.nydusd_helpers import Nydusd, write_localfs_config
 
@@ -84,10 +83,11 @@ def test_prefetched_files_are_cached_before_any_read_and_read_without_the_backen
     config = _config(tmp_path, blobs, work, prefetch_all=False)
 
     async def main():
-        daemon = Daemon()
-        fs = daemon.mount_rafs("/", str(tmp_path / "boot"), config)
+        daemon = NydusDaemon()
+        await daemon.mount("/", str(tmp_path / "boot"), config)
+        fs = daemon.instance("/").fs
         backend = fs.device.backend
-        report = await prefetch_rafs(fs, None, prefetch_config(config))
+        report = await daemon.prefetched("/")
         assert report.errors == 0 and report.inodes == len(HOT)
         hot_chunks = sum(-(-size // CHUNK) for size in HOT.values())
         # Before any read: the hot files' chunks are in the cache, on disk, and nothing else is.
@@ -103,15 +103,17 @@ def test_prefetched_files_are_cached_before_any_read_and_read_without_the_backen
         # Cold files still come from the backend.
         assert await _read(fs, "cold/x") == (src / "cold/x").read_bytes()
         assert backend.metrics.read_count > before
-        daemon.close()
+        await daemon.stop()
 
         # A restarted daemon over the same cache: zero backend requests for what was cached.
-        daemon = Daemon()
-        fs = daemon.mount_rafs("/", str(tmp_path / "boot"), config)
+        daemon = NydusDaemon()
+        await daemon.mount("/", str(tmp_path / "boot"), config)
+        fs = daemon.instance("/").fs
+        await daemon.prefetched("/")
         for name in [*HOT, "cold/x"]:
             assert await _read(fs, name) == (src / name).read_bytes()
         assert fs.device.backend.metrics.read_count == 0
-        daemon.close()
+        await daemon.stop()
 
     asyncio.run(main())
 
@@ -122,15 +124,16 @@ def test_v1_fs_prefetch_defaults_to_prefetch_all(tmp_path):
     config = _config(tmp_path, blobs, work)   # prefetch_all absent: true (nydus-surface.md §0 item 11)
 
     async def main():
-        daemon = Daemon()
-        fs = daemon.mount_rafs("/", str(tmp_path / "boot"), config)
-        await prefetch_rafs(fs, None, prefetch_config(config))
+        daemon = NydusDaemon()
+        await daemon.mount("/", str(tmp_path / "boot"), config)
+        fs = daemon.instance("/").fs
+        await daemon.prefetched("/")
         assert fs.device.metrics_json()["data_all_ready"]
         before = fs.device.backend.metrics.read_count
         for name in [*HOT, *COLD]:
             assert await _read(fs, name) == (src / name).read_bytes()
         assert fs.device.backend.metrics.read_count == before
-        daemon.close()
+        await daemon.stop()
 
     asyncio.run(main())
 
@@ -148,13 +151,15 @@ def test_a_full_cache_filesystem_degrades_to_the_backend_with_one_warning(tmp_pa
         config = load_config_file(tmp_path / "config.json")
 
         async def main():
-            daemon = Daemon()
-            fs = daemon.mount_rafs("/", str(tmp_path / "boot"), config)
+            daemon = NydusDaemon()
+            await daemon.mount("/", str(tmp_path / "boot"), config)
+            fs = daemon.instance("/").fs
             with caplog.at_level(logging.WARNING, logger="nydus_vfs"):
                 for _ in range(2):
                     for name in [*HOT, *COLD]:
                         assert await _read(fs, name) == (src / name).read_bytes()
-            daemon.close()
+                await daemon.prefetched("/")
+            await daemon.stop()
 
         asyncio.run(main())
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -81,7 +81,7 @@ def test_ignored_signals_are_logged_and_the_daemon_keeps_serving(tmp_path, mnt, 
 
 
 def test_sigterm_right_after_an_external_unmount_is_never_fatal(tmp_path, mnt, image):
-    for _ in range(5):
+    for _ in range(10):
         proc, _ = _start(tmp_path, mnt, *image)
         subprocess.run(["umount", "-l", str(mnt)], check=True)
         proc.send_signal(signal.SIGTERM)

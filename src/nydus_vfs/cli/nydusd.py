@@ -253,8 +253,10 @@ async def _serve(args: argparse.Namespace, command: str) -> int:
             await daemon.wait()
         return daemon.exit_code
     finally:
-        # Keep signals harmless until the process is gone: asyncio restores SIG_DFL
-        # when the loop closes, and a late SIGTERM must not kill us with -15.
+        for sig in _STOP_SIGNALS + _LOGGED_SIGNALS:
+            loop.remove_signal_handler(sig)
+        # Keep signals harmless until the process is gone (main() does it again
+        # after closing the loop, which resets them too).
         _install_process_handlers()
 
 
@@ -283,7 +285,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return loop.run_until_complete(_serve(args, command))
         finally:
-            loop.close()
+            # Closing the loop puts SIG_DFL back on the signals it handled: block them
+            # meanwhile, so a late SIGTERM reaches our handler and is never fatal.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS + _LOGGED_SIGNALS)
+            try:
+                loop.close()
+                _install_process_handlers()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     except NydusError as exc:  # ConfigError, TransportError, MountError, StorageError...
         log.error("%s", exc)
         if args.log_file:  # otherwise the log line above already went to stderr

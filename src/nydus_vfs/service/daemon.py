@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import errno
 import logging
@@ -50,7 +51,7 @@ from .._version import version_info
 from ..config import DaemonConfig, parse_daemon_config
 from ..errors import ConfigError, FormatError, FsError, StorageError
 from ..fs.metrics import FsMetrics
-from ..fs import RafsFs, Vfs, load_bootstrap
+from ..fs import RafsFs, Vfs, load_bootstrap, prefetch_config, prefetch_rafs
 from ..fuse import FuseServer
 from ..storage import BlobBackend, BlobLayer, CacheSpec
 from ..storage.backend import backend_events, create_backend
@@ -140,6 +141,7 @@ class _Instance:
     mounted_time: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
     tasks: set[asyncio.Task] = field(default_factory=set)
     metrics: FsMetrics | None = None
+    prefetch: asyncio.Task | None = None
 
 
 class NydusDaemon:
@@ -376,9 +378,36 @@ class NydusDaemon:
         return _Instance(path, kind, source, fs, cfg, key, list(prefetch_files or ()), metrics=metrics)
 
     def _after_mount(self, inst: _Instance) -> None:
-        if inst.prefetch_files:
-            _warn_once("prefetch", "%s: prefetch is not implemented yet; %d prefetch files ignored",
-                       inst.mountpoint, len(inst.prefetch_files))
+        """Start what runs beside a fresh instance: its background prefetch."""
+        if inst.fs_type != "rafs" or inst.config is None:
+            return
+        cfg = prefetch_config(inst.config)
+        if inst.prefetch_files and not cfg.enable:
+            # Files named in the mount request are a request to prefetch them.
+            cfg = dataclasses.replace(cfg, enable=True)
+        if not cfg.enable:
+            return
+        task = asyncio.ensure_future(prefetch_rafs(inst.fs, inst.prefetch_files or None, cfg))
+        inst.prefetch = task
+        inst.tasks.add(task)
+        task.add_done_callback(lambda t: self._prefetch_done(inst, t))
+
+    def _prefetch_done(self, inst: _Instance, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s: prefetch failed: %r", inst.mountpoint, exc)
+            return
+        report = task.result()
+        log.info("%s: prefetch done: %s", inst.mountpoint, report)
+
+    async def prefetched(self, mountpoint: str):
+        """Wait for the background prefetch of the instance at ``mountpoint``; its report (None if none ran)."""
+        inst = self._instances.get(_norm(mountpoint))
+        if inst is None or inst.prefetch is None:
+            return None
+        return await asyncio.shield(inst.prefetch)
 
     async def _release(self, inst: _Instance) -> None:
         fs = inst.fs

@@ -66,7 +66,7 @@ class DaemonMetrics:
 
     def blobcache(self, id: str | None) -> dict[str, Any]:
         inst = self._instance(id, "Metrics({})", by_config_id=True)
-        return blobcache_json(inst.fs.device)
+        return inst.fs.device.metrics_json(inst.config.id if inst.config is not None else "")
 
     def inflight(self) -> list[dict[str, Any]]:
         if self.daemon.fuse_session is None:
@@ -131,23 +131,3 @@ def backend_json(backend) -> dict[str, Any]:
     if out.get("backend_type") == "s3":
         out["backend_type"] = "oss"
     return out
-
-
-_BLOBCACHE_FIELDS = ("underlying_files", "store_path", "partial_hits", "whole_hits", "total",
-                     "entries_count", "prefetch_data_amount", "prefetch_requests_count",
-                     "prefetch_workers", "prefetch_unmerged_chunks", "prefetch_cumulative_time_millis",
-                     "prefetch_begin_time_secs", "prefetch_begin_time_millis", "prefetch_end_time_secs",
-                     "prefetch_end_time_millis", "buffered_backend_size", "data_all_ready")
-
-
-def blobcache_json(device) -> dict[str, Any]:
-    """BlobcacheMetrics with every field upstream serialises."""
-    m = device.metrics
-    src = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(vars(m))
-    out: dict[str, Any] = {}
-    for name in _BLOBCACHE_FIELDS:
-        default: Any = [] if name == "underlying_files" else "" if name == "store_path" else (
-            False if name == "data_all_ready" else 0)
-        out[name] = src.get(name, default)
-    return out
-

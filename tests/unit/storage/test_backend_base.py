@@ -149,3 +149,4 @@ def test_base_defaults():
     with pytest.raises(BackendError, match="closed"):
         run(backend.blob_size("blob"))
     assert "closed" in repr(backend)
+
