@@ -8,7 +8,7 @@ Contract kept for the drivers (nydus-snapshotter, Kata, nydusctl, the smoke test
 * Errors: ``{"code":"UNDEFINED","message":"<upstream-style debug text>"}`` with
   400 for a bad method, body or query, 404 for an unknown path (``NoRoute``)
   and for metrics without a counter (``…(Stats(NoCounter))``), and the
-  daemon's error kinds mapped as §3.1 says (NotReady 503, Unsupported 501,
+  daemon's error kinds mapped as nydus-surface.md §3.1 says (NotReady 503, Unsupported 501,
   UnexpectedEvent 400, others 500).  The message substrings drivers match are
   kept verbatim (nydus-surface.md §0 item 5).
 * dbs-uhttp's limits (nydus-surface.md §0 item 4): at most 10 connections (the

@@ -195,7 +195,7 @@ def test_mount_lifecycle_metrics_and_config(api, tmp_path):
     assert json.loads(curl(api.sock, "GET", "/api/v1/metrics/files?latest=true")[2]) == []
     backend = json.loads(curl(api.sock, "GET", "/api/v1/metrics/backend")[2])
     assert backend["backend_type"] == "localfs" and backend["read_count"] >= 1
-    # Blob cache metrics are keyed by the config id, not the mountpoint (§0 item 7).
+    # Blob cache metrics are keyed by the config id, not the mountpoint (nydus-surface.md §0 item 7).
     assert curl(api.sock, "GET", "/api/v1/metrics/blobcache?id=/snap1")[0] == 200
     assert curl(api.sock, "GET", "/api/v1/metrics/blobcache?id=/pseudo_1")[0] == 404
     sb = json.loads(curl(api.sock, "GET", "/api/v1/daemon/backend?mountpoint=/pseudo_1")[2])
@@ -205,7 +205,7 @@ def test_mount_lifecycle_metrics_and_config(api, tmp_path):
     assert curl(api.sock, "PUT", "/api/v1/config?id=/pseudo_1", '{"registry_auth": "dXNlcjpwYXNz"}')[0] == 204
     assert json.loads(curl(api.sock, "GET", "/api/v1/config?id=/pseudo_1")[2]) == {"registry_auth": "dXNlcjpwYXNz"}
     assert curl(api.sock, "PUT", "/api/v1/config", '{"nope": "1"}')[0] == 500
-    # A second mount makes the no-id queries ambiguous: 404 (§0 item 6).
+    # A second mount makes the no-id queries ambiguous: 404 (nydus-surface.md §0 item 6).
     assert curl(api.sock, "POST", "/api/v1/mount?mountpoint=/a/b/c", body)[0] == 204
     assert curl(api.sock, "GET", "/api/v1/metrics/backend")[0] == 404
     assert curl(api.sock, "PUT", "/api/v1/mount?mountpoint=/a/b/c", body)[0] == 204

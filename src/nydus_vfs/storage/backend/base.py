@@ -255,6 +255,10 @@ class BlobBackend(abc.ABC):
         """Release every resource; idempotent."""
         self._closed = True
 
+    async def aclose(self) -> None:
+        """:meth:`close`, waiting for network sessions to shut down (call it on their loop)."""
+        self.close()
+
     # -- the I/O surface -----------------------------------------------------------
     async def read(self, blob_id: str, offset: int, size: int) -> bytes:
         """Exactly ``size`` bytes of blob ``blob_id`` at ``offset`` (see the module contract)."""
