@@ -3,7 +3,9 @@
 
 Both back-ends share the same directory (on tmpfs by default) and are driven
 by the same VM-less front-end (``tests/harness``: QEMU 7.2 negotiation, Linux
-6.1 request shapes), one after the other in the same run:
+6.1 request shapes), both running at once with their rounds alternating
+(virtiofsd, ours, virtiofsd, ...) so load drifting on a shared machine hits
+both alike:
 
 * virtiofsd: ``-o source=DIR -o cache=auto --thread-pool-size=0 -o xattr``;
 * ours: this script re-run with ``--serve DIR SOCK`` in its own process: the
@@ -56,7 +58,6 @@ from tests.harness import (  # noqa: E402
 )
 
 READ_FILE = "bench.dat"
-WRITE_FILE = "bench-w.dat"
 O_RDWR_CREAT = 0o2 | 0o100 | 0o100000
 
 WORKLOADS = [
@@ -168,33 +169,50 @@ def _cycle(fs: FuseSession, duration: float, backend: BackendProcess) -> vb.Samp
     return vb.Sample(ops, 0, elapsed, 0, 0.0, backend.cpu_seconds() - cpu0)
 
 
-def bench(name: str, start, directory: pathlib.Path, args: argparse.Namespace) -> dict[str, list[vb.Sample]]:
-    out: dict[str, list[vb.Sample]] = {}
-    with start() as backend, Frontend.connect(backend.sock_path, backend=backend, mem_size=64 << 20,
-                                              timeout=10.0) as fe:
+class _Side:
+    """One back-end, connected and set up: its session and its two targets."""
+
+    def __init__(self, name: str, backend: BackendProcess, fe: Frontend, write_name: str) -> None:
+        self.name, self.backend, self.fe = name, backend, fe
         fe.negotiate()
         fe.start_queues()
-        fs = FuseSession(fe, timeout=30.0)
+        self.fs = fs = FuseSession(fe, timeout=30.0)
         fs.init()
         r = fs.lookup(1, READ_FILE)
-        read_t = vb.Target("/" + READ_FILE, 1, READ_FILE, r.nodeid, r.attr.size, fs.open(r.nodeid).fh)
-        payload = fs.call(fw.create(1, WRITE_FILE, O_RDWR_CREAT, 0o100644))
+        self.read_t = vb.Target("/" + READ_FILE, 1, READ_FILE, r.nodeid, r.attr.size, fs.open(r.nodeid).fh)
+        payload = fs.call(fw.create(1, write_name, O_RDWR_CREAT, 0o100644))
         w = fw.decode_entry_out(payload)
-        write_t = vb.Target("/" + WRITE_FILE, 1, WRITE_FILE, w.nodeid, read_t.size,
-                            fw.decode_open_out(payload[128:]).fh)
-        vb._warm(fs, read_t)
-        for i, wl in enumerate(WORKLOADS):
-            drv = Driver(fe, write_t if wl.op == "write" else read_t, wl, seed=i)
-            try:
-                drv.run(min(0.2, args.duration), False, args.stall, backend)
-                out[wl.key] = [drv.run(args.duration, False, args.stall, backend) for _ in range(args.rounds)]
-            finally:
-                drv.close(fs)
-        _cycle(fs, min(0.2, args.duration), backend)
-        out[CYCLE] = [_cycle(fs, args.duration, backend) for _ in range(args.rounds)]
-        fe.stop_queues()
-    print(f"# {name}: done", file=sys.stderr)
-    return out
+        self.write_t = vb.Target("/" + write_name, 1, write_name, w.nodeid, self.read_t.size,
+                                 fw.decode_open_out(payload[128:]).fh)
+        vb._warm(fs, self.read_t)
+        self.samples: dict[str, list[vb.Sample]] = {}
+
+
+def bench(sides: list[_Side], args: argparse.Namespace) -> None:
+    """Every workload on every side, rounds interleaved (A, B, A, B, ...) so load drifts hit both alike."""
+    wanted = {w.strip() for w in args.workloads.split(",") if w.strip()}
+    for i, wl in enumerate(WORKLOADS):
+        if wanted and wl.key not in wanted:
+            continue
+        drivers = [(side, Driver(side.fe, side.write_t if wl.op == "write" else side.read_t, wl, seed=i))
+                   for side in sides]
+        try:
+            for side, drv in drivers:
+                drv.run(min(0.2, args.duration), False, args.stall, side.backend)
+            for _ in range(args.rounds):
+                for side, drv in drivers:
+                    side.samples.setdefault(wl.key, []).append(
+                        drv.run(args.duration, False, args.stall, side.backend))
+        finally:
+            for side, drv in drivers:
+                drv.close(side.fs)
+    if wanted and CYCLE not in wanted:
+        return
+    for side in sides:
+        _cycle(side.fs, min(0.2, args.duration), side.backend)
+    for _ in range(args.rounds):
+        for side in sides:
+            side.samples.setdefault(CYCLE, []).append(_cycle(side.fs, args.duration, side.backend))
 
 
 def _cell(samples: list[vb.Sample] | None, with_bytes: bool) -> str:
@@ -217,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-size", type=int, default=32, help="size of the read/write files in MiB (default 32)")
     ap.add_argument("--workdir", default="/dev/shm", help="where the shared directory goes (default /dev/shm)")
     ap.add_argument("--stall", type=float, default=10.0, help="seconds without a completion = stalled")
+    ap.add_argument("--workloads", default="", help="comma-separated subset, e.g. 'write 128k seq qd16,getattr qd64'")
     args = ap.parse_args(argv)
     if args.serve:
         return serve(*args.serve)
@@ -232,15 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         with open(shared / READ_FILE, "wb") as fh:
             for _ in range(args.file_size):
                 fh.write(block)
-        peer = bench("virtiofsd", lambda: start_virtiofsd(shared, work / "vfsd.sock", extra_args=["-o", "xattr"]),
-                     shared, args)
-        os.unlink(shared / WRITE_FILE)
         ours_argv = [sys.executable, str(pathlib.Path(__file__).resolve()), "--serve", str(shared),
                      str(work / "ours.sock")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT / "src"), str(PROJECT),
                                                            os.environ.get("PYTHONPATH", "")]))
-        ours = bench("ours", lambda: BackendProcess.start(ours_argv, work / "ours.sock", timeout=15.0,
-                                                          env=env, name="ours"), shared, args)
+        with start_virtiofsd(shared, work / "vfsd.sock", extra_args=["-o", "xattr"]) as vfsd, \
+                Frontend.connect(vfsd.sock_path, backend=vfsd, mem_size=64 << 20, timeout=10.0) as fe1, \
+                BackendProcess.start(ours_argv, work / "ours.sock", timeout=15.0, env=env, name="ours") as ours_be, \
+                Frontend.connect(ours_be.sock_path, backend=ours_be, mem_size=64 << 20, timeout=10.0) as fe2:
+            sides = [_Side("virtiofsd", vfsd, fe1, "bench-w-virtiofsd.dat"), _Side("ours", ours_be, fe2,
+                                                                                 "bench-w-ours.dat")]
+            bench(sides, args)
+            for side in sides:
+                side.fe.stop_queues()
+        peer, ours = sides[0].samples, sides[1].samples
     except HarnessError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -250,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         load = " ".join(fh.read().split()[:3])
     print(f"# passthrough bench: {args.duration}s x {args.rounds} rounds, busy-poll completions, "
           f"{os.cpu_count()} CPUs, load average {load}, shared dir on {args.workdir}")
-    head = f"{'workload':<22} {'virtiofsd':>28} {'ours':>28} {'ours/virtiofsd':>15}"
+    head = f"{'workload':<22} {'virtiofsd':>28} {'ours':>28} {'ours/virtiofsd':>15} {'be cpu us/op v|o':>18}"
     print(head)
     print("-" * len(head))
     for key in [wl.key for wl in WORKLOADS] + [CYCLE]:
@@ -259,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = "-"
         if ps and os_:
             ratio = f"{statistics.median(s.ops_per_s for s in os_) / statistics.median(s.ops_per_s for s in ps):.3f}"
-        print(f"{key:<22} {_cell(ps, with_bytes):>28} {_cell(os_, with_bytes):>28} {ratio:>15}")
+        cpu = f"{vb._per_op_us(ps, 'backend_cpu') if ps else '-'}|{vb._per_op_us(os_, 'backend_cpu') if os_ else '-'}"
+        print(f"{key:<22} {_cell(ps, with_bytes):>28} {_cell(os_, with_bytes):>28} {ratio:>15} {cpu:>18}")
     return 0
 
 

@@ -137,6 +137,37 @@ def _load() -> tuple[Any, Any, str | None]:
 
 ffi, lib, _UNAVAILABLE = _load()
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_malloc_tuned = False
+
+
+def _tune_malloc() -> None:
+    """Keep the shim's request copies on a warm heap (once per process, glibc only).
+
+    Every popped request is copied into a heap buffer that is freed when it is
+    pushed.  With glibc's defaults, a batch of large requests (16 x 128 KiB
+    WRITEs) grows the heap past the trim threshold, the frees shrink it again,
+    and the next batch pays fresh page faults and zeroing for every buffer:
+    about twice the CPU of the same WRITE at depth 1.  Keeping up to 64 MiB
+    of freed heap (the shim's default in-flight budget) and serving buffers up
+    to 4 MiB from the heap rather than mmap removes that churn.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = getattr(libc, "mallopt", None)
+        if mallopt is not None:
+            mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+            mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+    except OSError:
+        pass
+
 
 def available() -> bool:
     """True when the compiled shim is importable and matches this package."""
@@ -230,6 +261,7 @@ class Device:
 
     def __init__(self, sock_fd: int, config: ShimConfig | None = None, *, batch: int = 64) -> None:
         require()
+        _tune_malloc()
         cfg = ffi.new("struct vhs_config *")
         lib.vhs_default_config(cfg)
         for field in dataclasses.fields(ShimConfig):

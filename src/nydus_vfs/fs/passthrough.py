@@ -475,7 +475,9 @@ class PassthroughFs:
             raise FsError(errno.ESTALE)
         fd = inode.fd
         try:
-            if fd < 0 or inode.handle is not None:
+            # (An open fd is used without touching the LRU order: only name
+            # lookups count as use, which keeps this path to one syscall.)
+            if fd < 0:
                 fd = self._fd(inode)
             st = os.stat(fd)
         except FsError:
@@ -484,8 +486,7 @@ class PassthroughFs:
             raise FsError(exc.errno or errno.EIO) from None
         # Unchanged since the last answer (every field the guest sees, since
         # timestamps alone are too coarse to tell): the same Attr, packed once.
-        seen = (st.st_ctime_ns, st.st_mtime_ns, st.st_atime_ns, st.st_size, st.st_mode, st.st_nlink,
-                st.st_uid, st.st_gid, st.st_blocks)
+        seen = (st[:7], st.st_ctime_ns, st.st_mtime_ns, st.st_atime_ns, st.st_blocks)  # mode..size + the rest
         if seen == inode.seen:
             return inode.attr
         a = _attr(ino, st)
