@@ -213,6 +213,21 @@ class Vfs(Operations):
         """Number of pseudo directories, the root included (diagnostics and leak tests)."""
         return len(self._pseudo)
 
+    def stale_entry(self, path: str) -> tuple[int | None, bytes]:
+        """The entry to invalidate after ``path`` changed: its topmost pruned component, else itself.
+
+        Returns (nodeid of that component's parent, its name), or (None, b"")
+        for the root.
+        """
+        parts = _split(path)
+        node = self._root
+        for part in parts:
+            child = node.children.get(part)
+            if child is None:
+                return node.ino, part
+            node = child
+        return self.parent_entry(path)
+
     def parent_entry(self, path: str) -> tuple[int | None, bytes]:
         """(nodeid of the pseudo parent, name) of ``path``, as the kernel knows them.
 

@@ -63,6 +63,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+import time
 import struct
 import sys
 from typing import Any
@@ -347,6 +348,11 @@ class FuseServer:
                        opcode, unique, len(reply), out_capacity)
             return error_reply(unique, errno.EINVAL)
         return reply
+
+    def inflight(self) -> list[dict]:
+        """Requests waiting for the filesystem, as ``/api/v1/metrics/inflight`` lists them."""
+        return [{"inode": p.nodeid, "opcode": p.opcode, "unique": unique, "timestamp_secs": p.started}
+                for unique, p in list(self._inflight.items())]
 
     def lookup_count(self, nodeid: int) -> int:
         """The server's current lookup count for ``nodeid`` (0 if unknown; the root is never counted)."""
@@ -708,6 +714,7 @@ class FuseServer:
         except StopIteration as done:
             return self._read_reply(unique, done.value, limit)
         pending = _PendingRead(self, coro, yielded, unique, limit)
+        pending.opcode, pending.nodeid, pending.started = _READ, nodeid, int(time.time())
         self._inflight[unique] = pending
         return _await_pending(pending)
 
@@ -1205,6 +1212,7 @@ class FuseServer:
         except StopIteration:
             return _OUT(16, 0, unique)
         pending = _PendingRead(self, waiting, yielded, unique, -1)
+        pending.opcode, pending.nodeid, pending.started = int(_Op.SETLKW), nodeid, int(time.time())
         self._inflight[unique] = pending
         return _await_pending(pending)
 
@@ -1239,7 +1247,8 @@ class _PendingRead:
     unless it swallows the cancellation and returns data anyway.
     """
 
-    __slots__ = ("_server", "_coro", "_yielded", "_unique", "_limit", "_waker", "_interrupted")
+    __slots__ = ("_server", "_coro", "_yielded", "_unique", "_limit", "_waker", "_interrupted",
+                 "opcode", "nodeid", "started")
 
     def __init__(self, server: FuseServer, coro, yielded, unique: int, limit: int) -> None:
         self._server = server
@@ -1247,6 +1256,10 @@ class _PendingRead:
         self._yielded = yielded
         self._unique = unique
         self._limit = limit
+        # For /api/v1/metrics/inflight; set by whoever suspends the request.
+        self.opcode = 0
+        self.nodeid = 0
+        self.started = 0
         self._waker = None
         self._interrupted = False
 

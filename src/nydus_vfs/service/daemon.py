@@ -608,7 +608,7 @@ class _FuseSession:
         self.daemon.request_stop("the FUSE session ended")
 
     def invalidate(self, path: str) -> None:
-        parent, name = self.daemon.vfs.parent_entry(path)
+        parent, name = self.daemon.vfs.stale_entry(path)
         if parent is None or self.mount.fd < 0:
             return
         from ..transport.fusedev import notify_inval_entry
