@@ -110,8 +110,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--config and --localfs-dir cannot be used together")
     if (args.id is None) != (args.supervisor is None):
         raise ConfigError("--id and --supervisor must be given together")
-    if args.shared_dir:
-        raise ConfigError("--shared-dir (passthrough_fs) is not supported by this nydusd yet")
+    if args.shared_dir and args.bootstrap:
+        raise ConfigError("--shared-dir and --bootstrap cannot be used together")
     if args.prefetch_files and not args.bootstrap:
         raise ConfigError("--prefetch-files requires --bootstrap")
     if args.upgrade:
@@ -121,9 +121,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if getattr(args, "dedup_db", None):
         log.warning("--dedup-db %s: chunk deduplication across images is not supported by this "
                     "nydusd; ignored", args.dedup_db)
-    if getattr(args, "writable", False) and not args.shared_dir:
-        log.warning("--writable: RAFS images are read-only and no overlay is supported; writes "
-                    "will fail with EROFS")
+    if getattr(args, "writable", False) and args.bootstrap:
+        log.warning("--writable: RAFS images are read-only and no overlay is supported; writes to "
+                    "them fail with EROFS (passthrough_fs mounts through the API are writable)")
 
 
 def _load_config(args: argparse.Namespace):
@@ -212,6 +212,21 @@ def _failover_refusal(mountpoint: str, apisock: str | None) -> str | None:
     return None  # mount_fuse refuses a mounted mountpoint with its own message
 
 
+def _writable_export(args: argparse.Namespace, command: str) -> bool:
+    """Whether the export may hold read-write passthrough_fs instances.
+
+    virtiofs: when it starts without a bootstrap (Kata mounts ``/containers``
+    through the API, nydus-surface.md §8.2) or with ``--shared-dir``; fuse: with
+    ``--shared-dir`` or ``--writable``.  A daemon started on a bootstrap keeps a
+    read-only export, so the kernel can skip OPEN/FLUSH round trips for RAFS;
+    upstream's "hybrid mode" (nydus-surface.md §0 item 17) makes that export
+    open-capable instead, which only matters for passthrough mounts added later.
+    """
+    if command == "virtiofs":
+        return bool(args.shared_dir) or not args.bootstrap
+    return bool(args.shared_dir or args.writable)
+
+
 async def _serve(args: argparse.Namespace, command: str) -> int:
     from ..service import NotReadyError, NydusDaemon
 
@@ -222,7 +237,7 @@ async def _serve(args: argparse.Namespace, command: str) -> int:
         if reason:
             raise TransportError(reason)
     loop = asyncio.get_running_loop()
-    daemon = NydusDaemon(id=args.id, supervisor=args.supervisor)
+    daemon = NydusDaemon(id=args.id, supervisor=args.supervisor, writable=_writable_export(args, command))
 
     def on_stop(sig: signal.Signals) -> None:
         daemon.request_stop(f"signal {sig.name} received")
@@ -243,6 +258,8 @@ async def _serve(args: argparse.Namespace, command: str) -> int:
                 await daemon.serve_api(args.apisock)
             if args.bootstrap:
                 await daemon.mount(args.virtual_mountpoint, args.bootstrap, config, prefetch_files=prefetch)
+            elif args.shared_dir:
+                await daemon.mount(args.virtual_mountpoint, args.shared_dir, fs_type="passthrough_fs")
             try:
                 if command == "virtiofs":
                     await daemon.serve_virtiofs(args.sock)

@@ -51,7 +51,7 @@ from .._version import version_info
 from ..config import DaemonConfig, parse_daemon_config
 from ..errors import ConfigError, FormatError, FsError, StorageError
 from ..fs.metrics import FsMetrics
-from ..fs import RafsFs, Vfs, load_bootstrap, prefetch_config, prefetch_rafs
+from ..fs import PassthroughFs, RafsFs, Vfs, load_bootstrap, prefetch_config, prefetch_rafs
 from ..fuse import FuseServer
 from ..storage import BlobBackend, BlobLayer, CacheSpec
 from ..storage.backend import backend_events, create_backend
@@ -152,10 +152,14 @@ class NydusDaemon:
     ConfigError for a bad config) and leave nothing half-done.
     """
 
-    def __init__(self, *, id: str | None = None, supervisor: str | None = None) -> None:
+    def __init__(self, *, id: str | None = None, supervisor: str | None = None,
+                 writable: bool = False) -> None:
         self.id = id
         self.supervisor = supervisor
-        self.vfs = Vfs()
+        #: Whether the export may hold read-write instances (passthrough_fs): the
+        #: FUSE servers then pass write opcodes on, and OPEN/FLUSH always reach us.
+        self.writable = writable
+        self.vfs = Vfs(writable=writable)
         self.blob_layer = BlobLayer()
         self._machine = DaemonStateMachine()
         self._instances: dict[str, _Instance] = {}
@@ -345,7 +349,7 @@ class NydusDaemon:
         if not isinstance(source, str) or not source:
             raise MountError("source: a mount needs a source path")
         if kind == "passthrough_fs":
-            raise UnsupportedError("passthrough_fs is not supported by this nydusd yet")
+            return await self._open_passthrough(mountpoint, source)
         cfg = _parse_config(config)
         cfg.require_rafs_sections()
         cache = cache_from_config(cfg)
@@ -376,6 +380,18 @@ class NydusDaemon:
                             access_pattern=bool(rafs and rafs.access_pattern),
                             latest_read_files=bool(rafs and rafs.latest_read_files))
         return _Instance(path, kind, source, fs, cfg, key, list(prefetch_files or ()), metrics=metrics)
+
+    async def _open_passthrough(self, mountpoint: str, source: str) -> _Instance:
+        if not self.writable:
+            raise UnsupportedError("passthrough_fs needs a daemon serving a writable export (nydusd "
+                                   "virtiofs without --bootstrap, or fuse with --shared-dir/--writable)")
+        loop = asyncio.get_running_loop()
+        try:
+            fs = await loop.run_in_executor(None, lambda: PassthroughFs.from_path(source, writable=True))
+        except ConfigError as exc:
+            raise MountError(str(exc)) from None
+        log.info("passthrough_fs %s opened for %s", source, mountpoint)
+        return _Instance(_norm(mountpoint), "passthrough_fs", source, fs, None, None)
 
     def _after_mount(self, inst: _Instance) -> None:
         """Start what runs beside a fresh instance: its background prefetch."""
@@ -452,6 +468,7 @@ class NydusDaemon:
     # -- transports -----------------------------------------------------------------
     def new_fuse_server(self, **kwargs: Any) -> FuseServer:
         """A FUSE server over the daemon's VFS (one per transport); closed on stop."""
+        kwargs.setdefault("readonly", not self.writable)
         server = FuseServer(self.vfs, **kwargs)
         self._servers.append(server)
         return server
@@ -474,7 +491,8 @@ class NydusDaemon:
         from ..transport.fusedev import mount_fuse
 
         loop = asyncio.get_running_loop()
-        mount = await loop.run_in_executor(None, lambda: mount_fuse(mountpoint, readonly=not writable))
+        readonly = not (writable or self.writable)
+        mount = await loop.run_in_executor(None, lambda: mount_fuse(mountpoint, readonly=readonly))
         if self._stopping is not None or self.state is DaemonState.STOPPED:
             # A stop came while the kernel was mounting: it could not see this mount.
             await loop.run_in_executor(None, mount.unmount)

@@ -45,7 +45,8 @@ def test_argument_errors_exit_2(bad, capsys):
 @pytest.mark.parametrize("argv, reason", [
     (["fuse", "--mountpoint", "/m", "--config", "/c", "--localfs-dir", "/d"], "cannot be used together"),
     (["fuse", "--mountpoint", "/m", "--id", "x"], "--id and --supervisor"),
-    (["fuse", "--mountpoint", "/m", "--shared-dir", "/s"], "not supported"),
+    (["fuse", "--mountpoint", "/m", "--shared-dir", "/s", "--bootstrap", "/b"], "cannot be used together"),
+    (["fuse", "--mountpoint", "/m", "--shared-dir", "/nonexistent/s"], "shared directory '/nonexistent/s'"),
     (["fuse", "--mountpoint", "/m", "--prefetch-files", "/p"], "requires --bootstrap"),
     (["fuse", "--mountpoint", "/m", "--bootstrap", "/b"], "both --config and --localfs-dir are missing"),
 ])

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nydus_vfs.errors import ConfigError
+from nydus_vfs.errors import ConfigError, FsError
 from nydus_vfs.fuse.ops import Context, FileSegment
 from nydus_vfs.service import DaemonState, MountError, NotReadyError, NydusDaemon, UnsupportedError
 from nydus_vfs.service.state import UnexpectedEventError
@@ -25,7 +25,12 @@ def _resolve(vfs, path: str) -> int:
 
 
 async def _read(vfs, path: str, size: int = 1 << 20) -> bytes:
-    data = await vfs.read(_resolve(vfs, path), 0, 0, size, CTX)
+    node = _resolve(vfs, path)
+    try:
+        fh, _ = vfs.open(node, os.O_RDONLY, CTX)
+    except FsError:  # RAFS without per-open state may answer ENOSYS
+        fh = 0
+    data = await vfs.read(node, fh, 0, size, CTX)
     if isinstance(data, (bytes, bytearray)):
         return bytes(data)
     return b"".join(os.pread(s.fd, s.length, s.offset) if isinstance(s, FileSegment) else bytes(s)
@@ -157,5 +162,30 @@ def test_runtime_config_is_stored_per_id_and_unknown_keys_refused(images):
             with pytest.raises(ServiceError, match="unknown configuration key"):
                 d.set_runtime_config("/a", {"proxy_url": "http://p", "bogus": "1"})
             assert d.get_runtime_config("/a")["proxy_url"] == "http://p"
+
+    asyncio.run(run())
+
+
+def test_passthrough_mounts_beside_rafs_in_a_writable_export(images, tmp_path):
+    shared = tmp_path / "shared"
+    (shared / "c1").mkdir(parents=True)
+    (shared / "c1" / "hello").write_bytes(b"host file")
+
+    async def run():
+        async with NydusDaemon() as ro:
+            with pytest.raises(UnsupportedError, match="writable export"):
+                await ro.mount("/containers", str(shared), "", fs_type="passthrough_fs")
+        async with NydusDaemon(writable=True) as d:
+            await d.mount("/containers", str(shared), "", fs_type="passthrough_fs")
+            await d.mount("/rafs/c1/lowerdir", str(images["a"]), images["config"])
+            assert await _read(d.vfs, "/containers/c1/hello") == b"host file"
+            assert await _read(d.vfs, "/rafs/c1/lowerdir/a.txt") == b"alpha"
+            info = d.info()["backend_collection"]
+            assert info["/containers"]["backend_type"] == "PassthroughFs"
+            assert info["/containers"]["config"] is None
+            with pytest.raises(MountError, match="shared directory"):
+                await d.mount("/other", str(tmp_path / "missing"), "", fs_type="passthroughfs")
+            await d.umount("/containers")
+            assert d.backends() != [] and "/containers" not in d.mounts()
 
     asyncio.run(run())
