@@ -312,8 +312,10 @@ fuse_in_header = struct.Struct("<IIQQIIIHH")
 #: len, error, unique
 fuse_out_header = struct.Struct("<IiQ")
 #: ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
-#: mode, nlink, uid, gid, rdev, blksize, flags
-fuse_attr = struct.Struct("<QQQQQQIIIIIIIIII")
+#: mode, nlink, uid, gid, rdev, blksize, flags.  The times are declared __u64 but
+#: carry the kernel's signed seconds (a file dated before 1970 is negative), so
+#: they are packed as two's complement.
+fuse_attr = struct.Struct("<QQQqqqIIIIIIIIII")
 #: blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
 fuse_kstatfs = struct.Struct("<QQQQQIIII24x")
 #: nodeid, generation, entry_valid, attr_valid, entry_valid_nsec, attr_valid_nsec

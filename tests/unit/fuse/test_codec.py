@@ -26,6 +26,13 @@ FLAT = [
 _RANGES = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_FFFF}
 
 
+def test_attr_times_before_1970_encode_as_the_kernel_reads_them():
+    # A passthrough file dated before the epoch (a guest may set any s64 time).
+    a = Attr(5, 0o100644, mtime=-1, mtimensec=5)
+    raw = codec.pack_attr(a)
+    assert struct.unpack_from("<Q", raw, 32)[0] == 2**64 - 1
+
+
 def _field_strategies(cls):
     """One strategy per dataclass field, bounded by the field's C type in ``cls._S``."""
     codes = [c for c in cls._S.format.lstrip("<") if c.isalpha() and c != "x"]
@@ -33,6 +40,8 @@ def _field_strategies(cls):
     for code in codes[:len(dataclasses.fields(cls))]:
         if code == "i":
             out.append(st.integers(-(2**31), 2**31 - 1))
+        elif code == "q":
+            out.append(st.integers(-(2**63), 2**63 - 1))
         else:
             out.append(st.integers(0, _RANGES[code]))
     return out
