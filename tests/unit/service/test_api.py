@@ -9,58 +9,13 @@ import shutil
 import socket
 import stat
 import subprocess
-import threading
 import time
 
 import pytest
 
-from nydus_vfs.service import NydusDaemon
-
-from tests.image_helpers import localfs_config_text, make_image
+from tests.image_helpers import DaemonThread, localfs_config_text, make_image
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-
-
-class DaemonThread:
-    """A NydusDaemon serving its API on ``sock`` from a loop in a thread."""
-
-    def __init__(self, sock: str) -> None:
-        self.sock = sock
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.daemon: NydusDaemon | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._main())
-        except BaseException as exc:  # reported by start()
-            self.error = exc
-            self.ready.set()
-
-    async def _main(self) -> None:
-        async with NydusDaemon() as d:
-            self.daemon = d
-            await d.serve_api(self.sock)
-            self.ready.set()
-            await d.wait()
-
-    def start(self) -> "DaemonThread":
-        self.thread.start()
-        self.ready.wait(10)
-        if self.error:
-            raise self.error
-        return self
-
-    def call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def stop(self) -> None:
-        if self.thread.is_alive():
-            self.loop.call_soon_threadsafe(self.daemon.request_stop)
-            self.thread.join(10)
 
 
 @pytest.fixture
