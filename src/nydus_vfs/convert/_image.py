@@ -657,7 +657,7 @@ async def _compare_with_source(session, opts: CheckOptions, tc: RegistryClient, 
 
 async def fetch_nydus_bootstrap(target: str, dest: str, *, plain_http: bool = False, insecure: bool = False,
                                 platform: str | None = None) -> Reference:
-    """Download the bootstrap of Nydus image ``target`` (its ``image/image.boot``) to ``dest``; returns the reference."""
+    """Download the bootstrap (``image/image.boot``) of Nydus image ``target`` to ``dest``; returns its reference."""
     ref = Reference.parse(target)
     async with _session() as session:
         client = RegistryClient(session, ref.registry, plain_http=plain_http, insecure=insecure)
