@@ -8,9 +8,8 @@ by the same VM-less front-end (``tests/harness``: QEMU 7.2 negotiation, Linux
 both alike:
 
 * virtiofsd: ``-o source=DIR -o cache=auto --thread-pool-size=0 -o xattr``;
-* ours: this script re-run with ``--serve DIR SOCK`` in its own process: the
-  real virtio-fs transport and FuseServer(readonly=False) over
-  ``Vfs(writable=True)`` with ``PassthroughFs.from_path(DIR)`` at ``/``.
+* ours: ``nydusd virtiofs --sock SOCK --shared-dir DIR`` (PassthroughFs at
+  ``/`` of a writable export).
 
 Workloads (each ``--rounds`` x ``--duration`` s, median reported): WRITE 4 KiB
 and 128 KiB sequential at queue depth 1 and 16, READ 4 KiB random and 128 KiB
@@ -28,12 +27,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import pathlib
 import random
 import shutil
-import signal
 import statistics
 import struct
 import sys
@@ -72,33 +69,6 @@ WORKLOADS = [
     vb.Workload("getattr", "getattr", 64),
 ]
 CYCLE = "create+unlink qd1"
-
-
-# ------------------------------------------------------------------ our back-end process
-
-def serve(directory: str, sock: str) -> int:
-    """``--serve``: our passthrough on ``sock`` until SIGTERM."""
-    import uvloop
-
-    from nydus_vfs.fs import PassthroughFs, Vfs
-    from nydus_vfs.fuse.server import FuseServer
-    from nydus_vfs.transport.virtiofs import VirtioFsTransport
-
-    fs = PassthroughFs.from_path(directory, writable=True)
-    vfs = Vfs(writable=True)
-    vfs.mount("/", fs)
-    server = FuseServer(vfs, readonly=False)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        await VirtioFsTransport(server).serve(sock, stop_event=stop)
-
-    uvloop.run(main())
-    fs.close()
-    return 0
 
 
 # ------------------------------------------------------------------ drivers
@@ -229,7 +199,6 @@ def _cell(samples: list[vb.Sample] | None, with_bytes: bool) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--serve", nargs=2, metavar=("DIR", "SOCK"), help=argparse.SUPPRESS)
     ap.add_argument("--duration", type=float, default=1.0, help="seconds per measured round (default 1)")
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds per workload; median reported")
     ap.add_argument("--file-size", type=int, default=32, help="size of the read/write files in MiB (default 32)")
@@ -237,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stall", type=float, default=10.0, help="seconds without a completion = stalled")
     ap.add_argument("--workloads", default="", help="comma-separated subset, e.g. 'write 128k seq qd16,getattr qd64'")
     args = ap.parse_args(argv)
-    if args.serve:
-        return serve(*args.serve)
     reason = virtiofsd_unavailable_reason()
     if reason:
         print(f"C virtiofsd unavailable: {reason}", file=sys.stderr)
@@ -251,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(shared / READ_FILE, "wb") as fh:
             for _ in range(args.file_size):
                 fh.write(block)
-        ours_argv = [sys.executable, str(pathlib.Path(__file__).resolve()), "--serve", str(shared),
-                     str(work / "ours.sock")]
+        ours_argv = [sys.executable, "-m", "nydus_vfs.cli.nydusd", "virtiofs", "--sock", str(work / "ours.sock"),
+                     "--shared-dir", str(shared)]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT / "src"), str(PROJECT),
                                                            os.environ.get("PYTHONPATH", "")]))
         with start_virtiofsd(shared, work / "vfsd.sock", extra_args=["-o", "xattr"]) as vfsd, \

@@ -1,10 +1,11 @@
 """Kata's virtio-fs-nydus layout in a real Linux 6.1 guest: a container rootfs from a RAFS lower and a passthrough upper.
 
-The back-end serves one export with ``passthrough_fs`` of a host directory at
-``/containers`` and a RAFS image (built from a busybox rootfs) at
-``/rafs/c1/lowerdir`` (nydus-surface.md §8.3; ``tests/integration/vfs_daemon.py``
-builds it through the same Python API the daemon's mount code uses).  In the
-guest, as Kata's agent does: mount virtio-fs at /run/kata-containers/shared,
+As Kata drives it (nydus-surface.md §8.2–8.3): ``nydusd virtiofs --sock S
+--apisock A`` starts empty, then ``POST /api/v1/mount?mountpoint=/containers``
+with ``{"fs_type":"passthrough_fs","source":<host dir>,"config":""}`` and
+``POST /api/v1/mount?mountpoint=/rafs/c1/lowerdir`` with a RAFS image built
+from a busybox rootfs, both with curl on the API socket.  In the guest, as
+Kata's agent does: mount virtio-fs at /run/kata-containers/shared,
 overlay the image with an upper and work dir inside /containers, chroot into
 the rootfs and create, modify, delete, rename and chmod files, several of them
 from the lower image (copy-up).  Back on the host the upper directory must hold
@@ -13,15 +14,20 @@ exactly those changes, whiteouts included, as overlayfs makes them.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
 import stat
-import sys
+import subprocess
+import time
 
 import pytest
 
+from nydus_vfs._native import binding
+from tests.functional.nydusd_helpers import NYDUSD
 from tests.guest import _module_bytes, find_kernel, guest_unavailable_reason, run_guest, start_backend
+from tests.image_helpers import localfs_config_text
 from tests.integration.guest_helpers import split_sections
 
 
@@ -31,12 +37,13 @@ def _skip_reason() -> str | None:
         return reason
     if os.geteuid() != 0:
         return "overlayfs whiteouts (mknod 0:0) and trusted.overlay.* xattrs on the host need root"
+    if not binding.available():
+        return f"nydusd virtiofs needs the shim: {binding.unavailable_reason()}"
     return None
 
 
 pytestmark = [pytest.mark.guest, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
 
-PROJECT = pathlib.Path(__file__).resolve().parents[2]
 S = "/run/kata-containers/shared"
 C = f"{S}/containers/c1"
 BIG = random.Random(10).randbytes(300_000)
@@ -93,6 +100,15 @@ def _rootfs(root: pathlib.Path) -> None:
     (root / "usr" / "share" / "big.bin").write_bytes(BIG)
 
 
+def _curl(sock: pathlib.Path, method: str, path: str, body: str | None = None) -> tuple[int, str]:
+    cmd = ["curl", "-s", "-o", "/dev/stderr", "-w", "%{http_code}", "--unix-socket", str(sock), "-X", method,
+           f"http://localhost{path}"]
+    if body is not None:
+        cmd += ["--data-binary", body]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    return int(r.stdout or 0), r.stderr
+
+
 def _is_whiteout(p: pathlib.Path) -> bool:
     st = os.lstat(p)
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
@@ -109,19 +125,27 @@ def test_container_rootfs_overlay_on_rafs_lower_and_passthrough_upper(tmp_path):
     build(str(rootfs), BuildOptions(fs_version=6, bootstrap=str(boot), blob_dir=str(blobs)))
     shared = tmp_path / "shared"
     shared.mkdir()
-    sock = tmp_path / "kata.sock"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT / "src"), str(PROJECT),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "tests.integration.vfs_daemon", "--sock", str(sock),
-           "--passthrough", "/containers", str(shared), "--rafs", "/rafs/c1/lowerdir", str(boot), str(blobs)]
+    sock, api = tmp_path / "kata.sock", tmp_path / "api.sock"
     overlay = find_kernel().modules_dir / "kernel" / "fs" / "overlayfs" / "overlay.ko"
     candidates = [overlay] + sorted(overlay.parent.glob("overlay.ko.*"))
     module = next((p for p in candidates if p.exists()), None)
     if module is None:
         pytest.skip(f"the guest kernel has no overlay module at {overlay}")
-    with start_backend(cmd, sock, env=env, cwd=str(PROJECT), timeout=30) as backend:
+    cmd = NYDUSD + ["virtiofs", "--sock", str(sock), "--apisock", str(api),
+                    "--log-file", str(tmp_path / "nydusd.log")]
+    with start_backend(cmd, sock, timeout=30) as backend:
+        deadline = time.monotonic() + 20
+        while not api.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        status, text = _curl(api, "POST", "/api/v1/mount?mountpoint=/containers",
+                             json.dumps({"fs_type": "passthrough_fs", "source": str(shared), "config": ""}))
+        assert status == 204, text
+        status, text = _curl(api, "POST", "/api/v1/mount?mountpoint=/rafs/c1/lowerdir", json.dumps(
+            {"fs_type": "rafs", "source": str(boot), "config": localfs_config_text(blobs, tmp_path / "cache")}))
+        assert status == 204, text
         result = run_guest(sock, SCRIPT, timeout=180, files={"/lib/modules/overlay.ko": _module_bytes(module)})
-        log = backend.log()
+        log = backend.log() + (tmp_path / "nydusd.log").read_text(errors="replace")
+        assert backend.proc.poll() is None, "the daemon must still run"
     assert result.exit_status == 0, f"guest script failed:\n{result.output}\n--- back-end log:\n{log[-3000:]}"
     out = split_sections(result.output)
     assert out["lower keep"] == "keep\n"

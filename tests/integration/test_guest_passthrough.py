@@ -1,7 +1,7 @@
 """One busybox workload in a real Linux 6.1 guest, on our passthrough_fs and on QEMU's C virtiofsd.
 
-Both back-ends share a copy of the same directory (ours: ``tests/integration/
-vfs_daemon.py --passthrough / DIR``; virtiofsd: ``-o source=DIR -o cache=auto
+Both back-ends serve a copy of the same directory (ours: ``nydusd virtiofs
+--shared-dir DIR``; virtiofsd: ``-o source=DIR -o cache=auto
 --thread-pool-size=0``).  The guest creates, writes, appends, renames,
 hard- and soft-links, chmods, truncates, fallocates, writes sparse files,
 makes a fifo and a device node, removes a tree, unpacks a real tarball with
@@ -17,16 +17,16 @@ import io
 import os
 import pathlib
 import stat
-import sys
 import tarfile
 
 import pytest
 
+from nydus_vfs._native import binding
+from tests.functional.nydusd_helpers import NYDUSD
 from tests.guest import guest_unavailable_reason, run_guest, start_backend
 from tests.integration.guest_helpers import split_sections
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-PROJECT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _skip_reason() -> str | None:
@@ -37,6 +37,8 @@ def _skip_reason() -> str | None:
         return "virtiofsd and device nodes need root"
     if not os.access(VIRTIOFSD, os.X_OK):
         return f"{VIRTIOFSD} is missing (apt-get install qemu-system-common)"
+    if not binding.available():
+        return f"nydusd virtiofs needs the shim: {binding.unavailable_reason()}"
     return None
 
 
@@ -128,9 +130,7 @@ def _run(cmd_for, tmp: pathlib.Path, tar: bytes) -> tuple[dict[str, str], dict[s
     share = tmp / "share"
     share.mkdir()
     sock = tmp / "fs.sock"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT / "src"), str(PROJECT),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    with start_backend(cmd_for(share, sock), sock, env=env, cwd=str(PROJECT), timeout=30) as backend:
+    with start_backend(cmd_for(share, sock), sock, timeout=30) as backend:
         result = run_guest(sock, SCRIPT, timeout=180, files={"/guest-files/pkg.tar": tar})
         log = backend.log()
     assert result.exit_status == 0, f"guest script failed:\n{result.output}\n--- back-end log:\n{log[-3000:]}"
@@ -145,7 +145,7 @@ def test_busybox_workload_same_as_c_virtiofsd(tmp_path):
         VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}", "-o", "cache=auto", "--thread-pool-size=0"],
         tmp_path / "c", tar)
     ours_out, ours_tree = _run(lambda share, sock: [
-        sys.executable, "-m", "tests.integration.vfs_daemon", "--sock", str(sock), "--passthrough", "/", str(share)],
+        *NYDUSD, "virtiofs", "--sock", str(sock), "--shared-dir", str(share)],
         tmp_path / "ours", tar)
     assert ours_out == theirs_out
     assert ours_tree == theirs_tree
