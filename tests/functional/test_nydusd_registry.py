@@ -65,8 +65,8 @@ def _registry_backend(host: str, **kw) -> dict:
                                            "connect_timeout": 2, **kw}}
 
 
-def _mount(tmp: pathlib.Path, boot: pathlib.Path, cfg: pathlib.Path) -> Nydusd:
-    d = Nydusd(tmp, ["--bootstrap", str(boot), "--config", str(cfg)], timeout=30, check=False)
+def _mount(tmp: pathlib.Path, boot: pathlib.Path, cfg: pathlib.Path, *extra: str) -> Nydusd:
+    d = Nydusd(tmp, ["--bootstrap", str(boot), "--config", str(cfg), *extra], timeout=30, check=False)
     d.__enter__()
     if d.error:
         d.stop()
@@ -269,6 +269,17 @@ def two_layers(tmp_path_factory, remote_backends_served):
     return tmp / "boot", blobs, files, layer1_blob, layer2_blob
 
 
+def _api(sock: pathlib.Path, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+    """One request to nydusd's API socket with curl: (status, parsed JSON body or None)."""
+    cmd = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket", str(sock), "-X", method,
+           f"http://localhost/api/v1{path}"]
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "-d", json.dumps(body)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    text, _, status = r.stdout.rpartition("\n")
+    return int(status or 0), (json.loads(text) if text.strip() else None)
+
+
 def _cat(path: pathlib.Path) -> subprocess.CompletedProcess:
     # Another process reads, so a daemon that hangs fails the test by timeout instead of hanging it.
     return subprocess.run(["cat", str(path)], capture_output=True, timeout=60)
@@ -285,12 +296,18 @@ def test_faults_give_eio_to_that_file_only_then_recover(tmp_path, two_layers, fa
             reg.push(REPO, data)
         retry_limit = 1
         backend = _registry_backend(fp.host, retry_limit=retry_limit, timeout=2, connect_timeout=2)
-        d = _mount(tmp_path, boot, _config(tmp_path / "c.json", backend, tmp_path / "cache"))
+        api = tmp_path / "api.sock"
+        d = _mount(tmp_path, boot, _config(tmp_path / "c.json", backend, tmp_path / "cache"), "--apisock", str(api))
         try:
             # Every try of every request for layer 2's blob fails while armed.
             fp.inject(fault, layer2, count=1000)
             r = _cat(d.mnt / "two" / "f0")
             assert r.returncode != 0 and b"Input/output error" in r.stderr, r
+            status, events = _api(api, "GET", "/daemon/events")
+            assert status == 200 and events["max_errors"] == 500 and events["max_size"] == 51200
+            assert any(layer2 in e for e in events["errors"]), events
+            status, metrics = _api(api, "GET", "/metrics/backend")
+            assert status == 200 and metrics["backend_type"] == "registry" and metrics["read_errors"] >= 1
             assert (d.mnt / "one" / "f1").read_bytes() == files["one/f1"]    # the other blob still serves
             assert d.alive()
             fp.inject("", "", 0)                                              # the fault clears
@@ -333,15 +350,21 @@ def test_wrong_credentials_and_missing_repo_are_clear_at_first_read(tmp_path, tw
         for data in blobs.values():
             reg.push(REPO, data, auth=reg.basic_auth)
         wrong = base64.b64encode(b"alice:wrong").decode()
+        api = tmp_path / "api.sock"
         d = _mount(tmp_path, boot, _config(tmp_path / "c.json", _registry_backend(reg.host, auth=wrong),
-                                           tmp_path / "cache"))
+                                           tmp_path / "cache"), "--apisock", str(api))
         try:
             r = _cat(d.mnt / "one" / "f0")
             assert r.returncode != 0 and b"Input/output error" in r.stderr
+            # Hot reload of the credentials (PUT /api/v1/config registry_auth): the same file now reads.
+            status, _ = _api(api, "PUT", "/config", {"registry_auth": reg.basic_auth})
+            assert status == 204
+            assert (d.mnt / "one" / "f0").read_bytes() == files["one/f0"]
             log = d.logtext()
         finally:
             d.stop()
         assert "refused the configured credentials" in log and layer1 in log and wrong not in log
+        assert reg.basic_auth not in log
         other = dict(_registry_backend(reg.host, auth=reg.basic_auth))
         other["config"] = dict(other["config"], repo="nydus/missing")
         (tmp_path / "m2").mkdir()
