@@ -696,22 +696,33 @@ class PassthroughFs:
         if not stat.S_ISREG(mode) and stat.S_IFMT(mode):
             raise FsError(errno.EINVAL)
         pfd = self._fd(self._get(parent))
-        oflags = self._host_flags(flags) | os.O_CREAT | os.O_NOFOLLOW
-        if flags & _G_EXCL:
-            oflags |= os.O_EXCL
-        with self._creds(ctx):
-            fd = os.open(name, oflags, mode & 0o7777, dir_fd=pfd)
+        hflags = self._host_flags(flags)
+        fopen = _FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
+        # O_EXCL always: an existing name is never opened by this open(2), since
+        # O_CREAT alone would open a FIFO (blocking the loop) or a device node the
+        # guest made (reaching the host's device).  It is reopened as OPEN does.
+        try:
+            with self._creds(ctx):
+                fd = os.open(name, hflags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o7777, dir_fd=pfd)
+        except FileExistsError:
+            if flags & _G_EXCL:
+                raise
+            # (On failure the looked-up inode stays known: the kernel may hold
+            # it from an earlier LOOKUP, and the same name maps to the same entry.)
+            entry = self._lookup(parent, name)
+            fh = self.open(entry.nodeid, flags, ctx)[0]
+            # Attributes after the open: O_TRUNC has just changed the size.
+            attr = _attr(entry.nodeid, os.fstat(self._handles[fh].fd))
+            return Entry(entry.nodeid, attr, 0, _TIMEOUT, _TIMEOUT), fh, fopen
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise FsError(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.ENXIO)
             inode, st = self._register(os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC), st)
             st = self._fix_mode(inode.fd, st, mode)
             fh = self._new_handle(fd, inode.ino)
         except BaseException:
             _close(fd)
             raise
-        return self._entry(inode, st), fh, _FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
+        return self._entry(inode, st), fh, fopen
 
     async def read(self, ino: int, fh: int, offset: int, size: int, ctx: Context) -> ReadData:
         h = self._handle(fh)

@@ -640,3 +640,26 @@ def test_getattr_reflects_every_change_even_within_one_timestamp_tick(shared):
         assert g.getattr(e.nodeid).ino == e.nodeid
     finally:
         fs.close()
+
+
+def test_create_on_an_existing_fifo_or_device_never_opens_it(guest, shared):
+    import signal
+
+    os.mkfifo(shared / "fifo")
+    guest.entry(guest.f.mknod(ROOT, b"dev", stat.S_IFCHR | 0o666, (1 << 8) | 5)) if IS_ROOT else None
+    # Opening a FIFO for writing would block the daemon's loop: fail the test instead of hanging.
+    old = signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("CREATE blocked")))
+    signal.alarm(10)
+    try:
+        for name in (b"fifo", b"dev") if IS_ROOT else (b"fifo",):
+            assert guest.errno_of(guest.f.create(ROOT, name, 0o100644, abi.O_WRONLY | abi.O_CREAT)) == errno.ENXIO
+            assert guest.errno_of(guest.f.create(ROOT, name, 0o100644, abi.O_WRONLY | abi.O_CREAT | abi.O_EXCL)) \
+                == errno.EEXIST
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    # an existing regular file is opened (and truncated when asked), as open(2) with O_CREAT does
+    e, fh = guest.create(ROOT, b"hello", 0o100600, abi.O_RDWR | abi.O_CREAT | abi.O_TRUNC)
+    assert e.attr.size == 0 and (shared / "hello").read_bytes() == b""
+    assert stat.S_IMODE(os.stat(shared / "hello").st_mode) == 0o644        # mode only applies to new files
+    assert guest.errno_of(guest.f.create(ROOT, b"sub", 0o100644, abi.O_RDWR | abi.O_CREAT)) == errno.EISDIR
