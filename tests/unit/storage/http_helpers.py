@@ -243,6 +243,7 @@ class ForwardProxy:
     def __init__(self) -> None:
         self.mode = "ok"
         self.seen: list[str] = []
+        self.pings = 0
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.server = serve(app)
@@ -265,6 +266,7 @@ class ForwardProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         target = str(request.url)
         if request.path == "/ping" and request.host == self.server.hostport:
+            self.pings += 1
             return web.Response(status=200 if self.mode == "ok" else 503)
         self.seen.append(target)
         if self.mode != "ok":

@@ -217,3 +217,25 @@ def test_close_after_the_loop_ended_leaves_nothing_open(recwarn):
     client.close()
     assert session.closed and connector.closed
     assert not [w for w in recwarn if "close" in str(w.message).lower()]
+
+
+def test_health_checks_pause_when_the_backend_is_idle():
+    reg = FakeRegistry({"a" * 64: DATA})
+    proxy = ForwardProxy()
+
+    async def body():
+        async with reg, proxy:
+            url = f"{reg.server.base}/v2/library/test/blobs/sha256:{'a' * 64}"
+            # check_pause_elapsed=0: idle as soon as a request is done, so no ping is ever sent.
+            client = _proxied(proxy.url, ping_url=proxy.url + "/ping", check_interval=1, check_pause_elapsed=0)
+            try:
+                proxy.mode = "502"
+                assert await _get(client, url, 0, 10) == DATA[:10]
+                proxy.mode = "ok"
+                await asyncio.sleep(2.5)
+                assert proxy.pings == 0 and not client.proxy.healthy
+                assert await _get(client, url, 0, 10) == DATA[:10]     # still direct meanwhile
+            finally:
+                await client.aclose()
+
+    run(body())

@@ -376,3 +376,34 @@ def test_read_whose_first_step_runs_outside_a_task():
         assert await _Rest(coro, first) == DATA[5:15]
 
     run(_with(reg, body))
+
+
+def test_redirect_target_is_asked_again_after_its_ttl(monkeypatch):
+    import nydus_vfs.storage.backend.registry as registry_mod
+    reg = FakeRegistry({BLOB_ID: DATA}, redirect="307")
+
+    async def body(b):
+        monkeypatch.setattr(registry_mod, "REDIRECT_TTL", 0.0)
+        for i in range(3):
+            assert await b.read(BLOB_ID, i, 10) == DATA[i:i + 10]
+        assert len(reg.blob_requests()) == 3               # expired at once: the registry every time
+        monkeypatch.setattr(registry_mod, "REDIRECT_TTL", 300.0)
+        for i in range(3):
+            assert await b.read(BLOB_ID, i, 10) == DATA[i:i + 10]
+        assert len(reg.blob_requests()) == 4
+
+    run(_with(reg, body))
+
+
+def test_bearer_credentials_hot_reload_fetches_a_new_token():
+    reg = FakeRegistry({BLOB_ID: DATA}, auth="bearer")
+
+    async def body(b):
+        with pytest.raises(BackendError, match="token endpoint refused"):
+            await b.read(BLOB_ID, 0, 10)
+        b.set_auth(AUTH)
+        assert await b.read(BLOB_ID, 0, 10) == DATA[:10]
+        posts = [r for r in reg.requests if r.path == "/token" and r.method == "POST"]
+        assert [p.form["username"] for p in posts][-1] == "alice"
+
+    run(_with(reg, body, auth=base64.b64encode(b"alice:old-pw").decode()))
