@@ -162,3 +162,35 @@ def test_a_missing_bootstrap_is_reported_as_what_it_is(tmp_path, mnt, image):
                                  "--config", image[3]], capture_output=True, text=True, timeout=30, cwd=PROJECT_ROOT)
     assert r.returncode == 1 and "No such file" in r.stderr and "configuration" not in r.stderr, r.stderr
     assert not mounts_at(resolve_mountpoint(str(mnt)))
+
+
+def test_sigterm_of_a_busy_daemon_exits_0(tmp_path, mnt, image):
+    import threading
+
+    proc, log = _start(tmp_path, mnt, *image)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                fd = os.open(mnt / "data.bin", os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                while os.read(fd, 65536):
+                    pass
+                os.close(fd)
+            except OSError as exc:  # the mount going away under the reader is fine
+                errors.append(exc.strerror)
+                return
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads), "a reader hangs on the unmounted daemon"
+    assert not mounts_at(resolve_mountpoint(str(mnt)))

@@ -64,3 +64,14 @@ def test_singleton_is_refused_and_version_prints_git_commit(capsys):
     assert nydusd.main(["--version"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("nydusd") and "Git Commit:" in out and "Version:" in out
+
+
+def test_dedup_db_and_writable_without_overlay_are_warned(tmp_path, caplog):
+    import logging
+
+    args = nydusd.build_parser().parse_args(["fuse", "--mountpoint", "/m", "--bootstrap", "/b", "--localfs-dir",
+                                             "/d", "--dedup-db", "/tmp/cas.db", "--writable"])
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs"):
+        nydusd._check_args(args)
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "--dedup-db /tmp/cas.db" in text and "--writable" in text

@@ -189,3 +189,30 @@ def test_passthrough_mounts_beside_rafs_in_a_writable_export(images, tmp_path):
             assert d.backends() != [] and "/containers" not in d.mounts()
 
     asyncio.run(run())
+
+
+def test_settings_not_acted_on_are_warned_once_and_encryption_refused(images, tmp_path, caplog):
+    import json
+    import logging
+
+    from nydus_vfs.service import daemon as daemon_module
+
+    daemon_module._warned.clear()
+    cfg = json.loads(images["config"])
+    v2 = {"version": 2, "backend": {"type": "localfs", "localfs": {"dir": cfg["device"]["backend"]["config"]["dir"]}},
+          "cache": {"type": "blobcache", "filecache": {"work_dir": str(tmp_path / "c")}}, "rafs": {"mode": "direct"},
+          "overlay": {"upper_dir": str(tmp_path / "u"), "work_dir": str(tmp_path / "w")}}
+
+    async def run():
+        async with NydusDaemon() as d:
+            with caplog.at_level(logging.WARNING, logger="nydus_vfs"):
+                await d.mount("/a", str(images["a"]), json.dumps(v2))
+                await d.mount("/b", str(images["b"]), json.dumps(v2))
+            overlay = [r for r in caplog.records if "overlay" in r.getMessage()]
+            assert len(overlay) == 1, "warned once, not per mount"
+            enc = dict(v2, cache={"type": "blobcache", "filecache": {
+                "work_dir": str(tmp_path / "c"), "enable_encryption": True, "encryption_key": "ab" * 32}})
+            with pytest.raises(ConfigError, match="refusing to write it unencrypted"):
+                await d.mount("/c", str(images["a"]), json.dumps(enc))
+
+    asyncio.run(run())
