@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir under the cache)")
     ap.add_argument("--no-guest", action="store_true", help="skip (c), the guest over virtio-fs")
     ap.add_argument("--modes", default="oci,nydus,guest", help="which of oci,nydus,guest to run")
+    ap.add_argument("--chunk-size", default="0x100000", help="chunk size of the Nydus image (nydusify --chunk-size)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("lazy_start: needs root (chroot, FUSE mounts, drop_caches)", file=sys.stderr)
@@ -499,7 +500,7 @@ def _run(args) -> int:
         out_json = scratch / "convert.json"
         run([sys.executable, "-m", "nydus_vfs.cli.nydusify", "convert", "--source", f"{registry.host}/lazy:base",
              "--target", f"{registry.host}/lazy:nydus", "--plain-http", "--work-dir", str(scratch / "convert"),
-             "--output-json", str(out_json)], what="nydusify convert", timeout=3600,
+             "--output-json", str(out_json), "--chunk-size", args.chunk_size], what="nydusify convert", timeout=3600,
             env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
         metrics = json.loads(out_json.read_text())
         log(f"converted with nydusify in {time.monotonic() - t:.1f} s: OCI {human_bytes(metrics['SourceImageSize'])}"
