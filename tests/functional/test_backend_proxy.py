@@ -199,12 +199,25 @@ def test_missing_blob_is_404_and_new_files_are_served(proxy, blobsdir):
     assert curl(url)[2] == data
 
 
-def test_unreadable_blob_is_500(proxy, blobsdir):
+def test_unopenable_blob_is_500(proxy, blobsdir):
+    """An entry that exists but cannot be opened (EACCES; as root, a socket: ENXIO) is a server error."""
+    import socket
+    hexd = "a" * 64
     if os.geteuid() == 0:
-        pytest.skip("root reads files whatever their mode; cannot provoke EACCES")
-    hexd = _put(blobsdir, b"locked")
-    os.chmod(blobsdir / hexd, 0)
-    assert curl(f"{proxy.url}/v2/r/blobs/sha256:{hexd}")[0] == 500
+        import tempfile
+        short = tempfile.mkdtemp(prefix="s")   # AF_UNIX paths are short; bind there, move it in
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.path.join(short, "s"))
+        sock.close()
+        os.rename(os.path.join(short, "s"), blobsdir / hexd)
+        os.rmdir(short)
+    else:
+        _put(blobsdir, b"locked")
+        hexd = hashlib.sha256(b"locked").hexdigest()
+        os.chmod(blobsdir / hexd, 0)
+    status, _, body = curl(f"{proxy.url}/v2/r/blobs/sha256:{hexd}")
+    assert status == 500 and b"cannot open" in body
+    assert curl(f"{proxy.url}/v2/r/blobs/sha256:{'b' * 64}")[0] == 404   # and it keeps serving
 
 
 # -- streaming edge cases, with aiohttp ----------------------------------------------------------------
@@ -302,6 +315,13 @@ def test_missing_blobsdir_refuses_to_start(tmp_path):
     assert r.returncode == 1 and b"not a directory" in r.stderr
     r = subprocess.run(PROXY, capture_output=True, timeout=30)
     assert r.returncode == 2 and b"--blobsdir" in r.stderr
+
+
+def test_sigterm_right_after_start_exits_cleanly(blobsdir):
+    for _ in range(5):
+        p = Proxy(blobsdir, "--port", "0")
+        p.stop()
+        assert p.proc.returncode == 0
 
 
 def test_port_in_use_is_a_clear_error(proxy, blobsdir):

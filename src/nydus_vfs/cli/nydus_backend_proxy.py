@@ -268,14 +268,15 @@ async def _serve(blobsdir: str, address: str, port: int) -> None:
         await site.start()
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         bound = sockets[0].getsockname()[:2] if sockets else (address, port)
-        # One line on stdout, flushed, so a caller that asked for port 0 learns the port.
-        sys.stdout.write(f"nydus-backend-proxy: serving {blobsdir} on http://{bound[0]}:{bound[1]}\n")
-        sys.stdout.flush()
-        log.info("serving %s on http://%s:%d", blobsdir, bound[0], bound[1])
+        # Handlers first: whoever reads the line below may send SIGTERM right away.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # One line on stdout, flushed, so a caller that asked for port 0 learns the port.
+        sys.stdout.write(f"nydus-backend-proxy: serving {blobsdir} on http://{bound[0]}:{bound[1]}\n")
+        sys.stdout.flush()
+        log.info("serving %s on http://%s:%d", blobsdir, bound[0], bound[1])
         await stop.wait()
         log.info("signal received, shutting down")
     finally:
