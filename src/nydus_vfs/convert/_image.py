@@ -149,7 +149,9 @@ def _dumps(doc: Any) -> bytes:
 
 
 def _platform_of(desc: dict) -> str:
-    p = desc.get("platform") or {}
+    p = desc.get("platform") if isinstance(desc, dict) else None
+    if not isinstance(p, dict):
+        return "/"
     text = f"{p.get('os', '')}/{p.get('architecture', '')}"
     if p.get("variant"):
         text += f"/{p['variant']}"

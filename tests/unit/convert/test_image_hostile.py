@@ -80,3 +80,17 @@ def test_a_blob_that_does_not_match_its_digest_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="does not match its digest"):
         asyncio.run(_convert(tmp_path, _manifest(layers), {CONFIG_DIGEST: CONFIG, digest: b"abc"}))
     assert os.listdir(tmp_path / "work") == []
+
+
+def test_a_garbage_index_is_refused_by_name(tmp_path):
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": ["x", {"platform": "linux/amd64", "digest": "sha256:" + "d" * 64},
+                           {"platform": {"os": "linux", "architecture": "amd64"}, "digest": "../../etc"}]}
+    from nydus_vfs.convert import host_platform
+    index["manifests"][2]["platform"]["architecture"] = host_platform().split("/")[1]
+    with pytest.raises(ConvertError, match="neither a tag nor a sha256 digest"):
+        asyncio.run(_convert(tmp_path, index, {}))
+    index["manifests"].pop()
+    with pytest.raises(ConvertError, match="no manifest for platform"):
+        asyncio.run(_convert(tmp_path, index, {}))
+    assert os.listdir(tmp_path / "work") == []
