@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import json
 import socket
 
@@ -68,6 +70,8 @@ def test_refusals(tmp_path):
 def test_dragonfly_sdk_mode_is_refused_with_a_warning(caplog):
     cfg = parse_daemon_config(_v2({"type": "registry", "registry": {
         "host": "r.io", "repo": "a/b", "proxy": {"dragonfly_scheduler_endpoint": "http://sched:8002"}}})).backend
-    b = create_backend(cfg, backend_id="/m")
+    # The level is set here: an earlier test may have left the root logger at ERROR.
+    with caplog.at_level(logging.WARNING, logger="nydus_vfs"):
+        b = create_backend(cfg, backend_id="/m")
     assert "dragonfly_scheduler_endpoint" in caplog.text and "/m" in caplog.text
     b.close()
