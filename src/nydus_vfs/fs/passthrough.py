@@ -253,9 +253,7 @@ class PassthroughFs:
         # Handles are worth keeping only if they can be reopened (CAP_DAC_READ_SEARCH).
         self._use_handles = self._probe_handles(root_fd)
         self._switch_creds = os.geteuid() == 0
-        umask = os.umask(0)
-        os.umask(umask)
-        self._umask = umask
+        self._umask = _current_umask()
         if not self._switch_creds:
             log.warning("%s: nydusd is not root: files the guest creates are owned by uid %d, not the "
                         "guest's user", source, os.geteuid())
@@ -906,6 +904,24 @@ class PassthroughFs:
     @_fs_errors
     def syncfs(self, ino: int) -> None:
         _linux.syncfs(self._fd(self._get(_ROOT)))
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it (/proc/self/status has it since Linux 4.7).
+
+    The os.umask(0)/os.umask(old) dance is the fallback: it leaves the umask at 0
+    for an instant, which another thread creating a file could observe.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0)
+    os.umask(old)
+    return old
 
 
 def _close(fd: int) -> None:
