@@ -471,14 +471,15 @@ def test_many_lookups_without_forget_stay_within_the_fd_bound(shared, canary):
         g = Guest(fs)
         proc_fds = len(os.listdir("/proc/self/fd"))
         first = {}
-        for i in range(100_000):
+        # (the 100,000 of issue 10 run end to end in tests/functional/test_passthrough_hostile.py)
+        for i in range(20_000):
             name = names[(i * 7) % len(names)]
             e = g.lookup(ROOT, name)
             if name in first:
                 assert e.nodeid == first[name]
             else:
                 first[name] = e.nodeid
-            if i % 5000 == 0:
+            if i % 2000 == 0:
                 assert fs.open_fds <= 64 + 4
                 assert len(os.listdir("/proc/self/fd")) <= proc_fds + 64 + 4
         assert len(first) == len(names) and fs.inode_count == len(names) + 1
