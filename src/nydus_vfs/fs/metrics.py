@@ -1,14 +1,15 @@
 """Per-instance filesystem counters, named and shaped as nydusd's ``/api/v1/metrics`` family.
 
-One :class:`FsMetrics` per mounted instance, fed by the VFS on every request it
-routes to that instance (nydus-surface.md §3.5):
+One :class:`FsMetrics` per mounted instance (nydus-surface.md §3.5): the FUSE
+server bumps its ``fop_hits``/``fop_errors`` lists for every request on the
+instance (see ``Operations.counters``), the VFS records every READ:
 
 * ``fop_hits`` / ``fop_errors``: 15 counters in upstream's FOP order
   (:data:`FOPS`; READ is index 4, which the smoke tests check);
 * ``data_read``, ``block_count_read`` (8 read-size buckets), ``nr_opens``,
   ``read_latency_dist`` (8 latency buckets) and the cumulative latency per FOP,
   recorded for READ (timing every GETATTR would cost more than it tells);
-* with ``iostats_files``: per-inode counters (``/metrics/files``); with
+* with ``iostats_files``: per-inode READ counters (``/metrics/files``); with
   ``access_pattern``: first access time and read count per inode
   (``/metrics/pattern``); with ``latest_read_files``: the inodes read since the
   last ``?latest=true`` query, which clears them.
@@ -61,7 +62,6 @@ class FsMetrics:
         self.fop_hits = [0] * len(FOPS)
         self.fop_errors = [0] * len(FOPS)
         self.fop_cumulative_latency_total = [0] * len(FOPS)
-        self.nr_opens = 0
         self.data_read = 0
         self.block_count_read = [0] * 8
         self.read_latency_dist = [0] * 8
@@ -69,31 +69,8 @@ class FsMetrics:
         self._pattern: dict[int, list[int]] = {}   # ino -> [nr_read, secs, nanos]
         self._latest: set[int] = set()
 
-    def hit(self, fop: int, ino: int) -> None:
-        """One successful request of FOP index ``fop`` on local inode ``ino``."""
-        self.fop_hits[fop] += 1
-        if self.files_account_enabled:
-            st = self._files.get(ino)
-            if st is None:
-                st = self._files[ino] = _FileStats()
-            st.total_fops += 1
-            st.fop_hits[fop] += 1
-
-    def error(self, fop: int, ino: int) -> None:
-        """One failed request of FOP index ``fop`` on local inode ``ino``."""
-        self.fop_errors[fop] += 1
-        if self.files_account_enabled:
-            st = self._files.get(ino)
-            if st is None:
-                st = self._files[ino] = _FileStats()
-            st.total_fops += 1
-            st.fop_errors[fop] += 1
-
-    def opened(self) -> None:
-        self.nr_opens += 1
-
     def read(self, ino: int, size: int, elapsed_ns: int) -> None:
-        """A READ of ``size`` bytes on ``ino`` that took ``elapsed_ns`` (already counted by hit)."""
+        """A READ of ``size`` bytes on ``ino`` that took ``elapsed_ns`` (``fop_hits`` is the server's)."""
         self.data_read += size
         b = _bucket(size, SIZE_BUCKETS, inclusive=False)
         self.block_count_read[b] += 1
@@ -102,9 +79,12 @@ class FsMetrics:
         self.fop_cumulative_latency_total[4] += us
         if self.files_account_enabled:
             st = self._files.get(ino)
-            if st is not None:
-                st.data_read += size
-                st.block_count_read[b] += 1
+            if st is None:
+                st = self._files[ino] = _FileStats()
+            st.total_fops += 1
+            st.fop_hits[FOP_INDEX["read"]] += 1
+            st.data_read += size
+            st.block_count_read[b] += 1
         if self.access_pattern_enabled:
             p = self._pattern.get(ino)
             if p is None:
@@ -123,7 +103,7 @@ class FsMetrics:
             "record_latest_read_files_enabled": self.record_latest_read_files_enabled,
             "measure_latency": True,
             "id": self.id,
-            "nr_opens": self.nr_opens,
+            "nr_opens": self.fop_hits[FOP_INDEX["open"]],
             "data_read": self.data_read,
             "block_count_read": list(self.block_count_read),
             "fop_hits": list(self.fop_hits),

@@ -22,9 +22,9 @@ goes through :meth:`Vfs._resolve` (nodeid -> instance, local inode) and its
 answer through the ``_export_*`` helpers (local -> nodeid).  Immutable
 instances (RAFS) get their attributes and lookups memoised here; the others
 are asked every time.  Per-instance accounting (fop_hits/fop_errors,
-nydus-surface.md §3.5) is done in two places: :meth:`Vfs.account`, which the
-FUSE server calls after every request but READ, and :meth:`Vfs.read` (size and
-latency too).
+nydus-surface.md §3.5) is done by the FUSE server in the per-instance lists
+:meth:`Vfs.counters` hands it (a few list operations per request), and read
+sizes and latencies by :meth:`Vfs.read`.
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ _NO_CTX = Context()
 
 _LOOKUP_CACHE_MAX = 1 << 20
 
-# FUSE opcode -> index in upstream's FOP counters (fs/metrics.py).
-_FOP_OF_OPCODE = {1: FOP_INDEX["lookup"], 2: FOP_INDEX["forget"], 3: FOP_INDEX["getattr"],
-                  5: FOP_INDEX["readlink"], 14: FOP_INDEX["open"], 17: FOP_INDEX["statfs"],
-                  18: FOP_INDEX["release"], 22: FOP_INDEX["getxattr"], 23: FOP_INDEX["listxattr"],
-                  27: FOP_INDEX["opendir"], 28: FOP_INDEX["readdir"], 34: FOP_INDEX["access"],
-                  42: FOP_INDEX["batch_forget"], 44: FOP_INDEX["readdirplus"]}
-_FOP_READ = FOP_INDEX["read"]
-_FOP_OPEN = FOP_INDEX["open"]
+# FUSE opcode -> index in upstream's FOP counters (fs/metrics.py); -1: not counted.
+_FOP_MAP = [-1] * 64
+for _opcode, _name in ((1, "lookup"), (2, "forget"), (3, "getattr"), (5, "readlink"), (14, "open"),
+                       (15, "read"), (17, "statfs"), (18, "release"), (22, "getxattr"), (23, "listxattr"),
+                       (27, "opendir"), (28, "readdir"), (34, "access"), (42, "batch_forget"),
+                       (44, "readdirplus")):
+    _FOP_MAP[_opcode] = FOP_INDEX[_name]
+del _opcode, _name
 
 
 def _data_len(data) -> int:
@@ -130,6 +130,9 @@ class Vfs(Operations):
         self._next_pseudo = ROOT_ID + 1
         self._instances: dict[int, FileSystem] = {}
         self._metrics: dict[int, FsMetrics] = {}
+        # Per-instance FUSE request counters handed to the server (counters()).
+        self._hits: list[list[int]] = [[0] * len(FOP_INDEX) for _ in range(MAX_INSTANCES + 1)]
+        self._errs: list[list[int]] = [[0] * len(FOP_INDEX) for _ in range(MAX_INSTANCES + 1)]
         self._paths: dict[int, str] = {}
         self._free = deque(range(1, MAX_INSTANCES + 1))
         self._root_index: int | None = None
@@ -177,6 +180,7 @@ class Vfs(Operations):
         if node is self._root:
             self._root_index = idx
         self._invalidate()
+        self._set_counters()
         log.info("mounted %s at %s (instance %d)", fs.source or type(fs).__name__, self._paths[idx], idx)
         return idx
 
@@ -195,6 +199,7 @@ class Vfs(Operations):
         self._free.append(idx)
         self._prune(node)
         self._invalidate()
+        self._set_counters()
         log.info("unmounted %s (instance %d)", path, idx)
         return fs
 
@@ -472,33 +477,26 @@ class Vfs(Operations):
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EISDIR)
-        m = self._metrics.get(self._index_of(nodeid))
+        m = self._metrics.get(nodeid >> _INDEX_SHIFT or self._index_of(nodeid))
         if m is None:
             return await fs.read(local, fh, offset, size, ctx)
         started = time.perf_counter_ns()
-        try:
-            data = await fs.read(local, fh, offset, size, ctx)
-        except FsError:
-            m.error(_FOP_READ, local)
-            raise
-        m.hit(_FOP_READ, local)
+        data = await fs.read(local, fh, offset, size, ctx)
         m.read(local, _data_len(data), time.perf_counter_ns() - started)
         return data
 
-    def account(self, opcode: int, nodeid: int, error: int) -> None:
-        fop = _FOP_OF_OPCODE.get(opcode)
-        if fop is None:
-            return
-        m = self._metrics.get(self._index_of(nodeid))
-        if m is None:
-            return
-        local = nodeid & _LOCAL_MASK
-        if error:
-            m.error(fop, local)
-        else:
-            m.hit(fop, local)
-            if fop == _FOP_OPEN:
-                m.opened()
+    def counters(self) -> tuple[list[int], list[list[int]], list[list[int]]]:
+        # The FUSE server bumps fop_hits/fop_errors of the instance a nodeid belongs
+        # to (index = nodeid >> 56); index 0 is the pseudo tree, or the instance
+        # mounted at "/" (nodeid 1 is its root).  See _set_counters.
+        return _FOP_MAP, self._hits, self._errs
+
+    def _set_counters(self) -> None:
+        for idx in range(MAX_INSTANCES + 1):
+            m = self._metrics.get(idx) if idx else (self._metrics.get(self._root_index)
+                                                     if self._root_index is not None else None)
+            self._hits[idx] = m.fop_hits if m is not None else [0] * len(FOP_INDEX)
+            self._errs[idx] = m.fop_errors if m is not None else [0] * len(FOP_INDEX)
 
     def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
         if not self.writable:

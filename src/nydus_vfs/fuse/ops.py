@@ -240,13 +240,18 @@ class Operations:
         Drop every per-session handle; nodeids handed out are no longer referenced.
         """
 
-    def account(self, opcode: int, nodeid: int, error: int) -> None:
-        """Called after each request but READ with its outcome (``error`` 0 or an errno).
+    def counters(self) -> "tuple[list[int], list[list[int]], list[list[int]]] | None":
+        """Optional per-request counters the server keeps for the filesystem, or None.
 
-        Optional (for per-filesystem counters); the server only calls it when a
-        subclass overrides it.  Must not raise.  READ is left to :meth:`read`
-        itself, which alone knows when a suspended read finishes.
+        ``(fop_of_opcode, hits, errors)``: ``fop_of_opcode[opcode]`` is a counter
+        index (-1: not counted; opcodes past its end are not counted), and
+        ``hits[nodeid >> 56][fop]`` / ``errors[nodeid >> 56][fop]`` are bumped by
+        the server for every request, once its outcome (reply or errno) is
+        known.  The outer lists are kept by the server for the whole session;
+        the filesystem may swap their inner lists at any time.  Counting is a
+        few list operations per request, cheap enough for the hot path.
         """
+        return None
 
     # -- names and inodes -----------------------------------------------------
     def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:

@@ -295,7 +295,9 @@ class FuseServer:
         self._read = ops.read
         self._readdir = ops.readdir
         self._readdirplus = ops.readdirplus
-        self._account = ops.account if type(ops).account is not Operations.account else None
+        # Per-request counters of the filesystem (Operations.counters), or None.
+        counters = ops.counters()
+        self._fopmap, self._hits, self._errs = counters if counters is not None else ((), None, None)
 
         self._running_table = self._build_running_table()
         self._idle_table = self._build_idle_table()
@@ -334,20 +336,32 @@ class FuseServer:
         try:
             reply = handler(request, n, unique, nodeid, ctx, out_capacity)
         except FsError as exc:
-            if self._account is not None and opcode != _READ:
-                self._account(opcode, nodeid, exc.errno_value)
+            if self._hits is not None:
+                self._tally(self._errs, opcode, nodeid)
             return error_reply(unique, exc.errno_value)
         except Exception:
             self._warn("opcode %d unique %#x nodeid %d: filesystem bug, replying EIO",
                        opcode, unique, nodeid, exc_info=True, level=logging.ERROR)
+            if self._hits is not None:
+                self._tally(self._errs, opcode, nodeid)
             return error_reply(unique, errno.EIO)
-        if self._account is not None and opcode != _READ:
-            self._account(opcode, nodeid, 0)
+        hits = self._hits
+        # A READ that suspended is counted when it ends (_PendingRead).
+        if hits is not None and opcode < len(self._fopmap) and (opcode != _READ or type(reply) is list):
+            fop = self._fopmap[opcode]
+            if fop >= 0:
+                hits[nodeid >> 56][fop] += 1
         if out_capacity is not None and type(reply) is bytes and len(reply) > out_capacity:
             self._warn("opcode %d unique %#x: %d-byte reply exceeds the %d writable bytes; replying EINVAL",
                        opcode, unique, len(reply), out_capacity)
             return error_reply(unique, errno.EINVAL)
         return reply
+
+    def _tally(self, table: list[list[int]], opcode: int, nodeid: int) -> None:
+        if opcode < len(self._fopmap):
+            fop = self._fopmap[opcode]
+            if fop >= 0:
+                table[(nodeid >> 56) & 0xFF][fop] += 1
 
     def inflight(self) -> list[dict]:
         """Requests waiting for the filesystem, as ``/api/v1/metrics/inflight`` lists them."""
@@ -1319,12 +1333,17 @@ class _PendingRead:
                     try:
                         if self._limit < 0:
                             return _OUT(16, 0, unique)   # SETLKW: the lock was taken
-                        return self._server._read_reply(unique, done.value, self._limit)
+                        reply = self._server._read_reply(unique, done.value, self._limit)
+                        if self._server._hits is not None:
+                            self._server._tally(self._server._hits, self.opcode, self.nodeid)
+                        return reply
                     except Exception:
                         self._server._warn("READ unique %#x: filesystem bug (bad data from Operations.read), "
                                            "replying EIO", unique, exc_info=True, level=logging.ERROR)
                         return error_reply(unique, errno.EIO)
                 except FsError as exc:
+                    if self._server._hits is not None and self._limit >= 0:
+                        self._server._tally(self._server._errs, self.opcode, self.nodeid)
                     return error_reply(unique, exc.errno_value)
                 except BaseException as exc:
                     if _is_cancelled_error(exc):

@@ -1605,3 +1605,43 @@ def test_setlkw_that_waits_is_driven_like_a_suspended_read_and_interrupt_cancels
         assert s.pending_reads == 0
 
     asyncio.run(scenario())
+
+
+def test_per_request_counters_of_the_filesystem():
+    # Operations.counters(): the server bumps hits/errors of nodeid >> 56, a READ that
+    # suspends is counted when it ends.
+    import asyncio
+
+    fopmap = [-1] * 64
+    fopmap[int(Opcode.GETATTR)] = 0
+    fopmap[int(Opcode.READ)] = 1
+    hits = [[0, 0] for _ in range(256)]
+    errs = [[0, 0] for _ in range(256)]
+
+    class Counted(Operations):
+        def counters(self):
+            return fopmap, hits, errs
+
+        def getattr(self, nodeid, fh, ctx):
+            if nodeid == 7:
+                raise FsError(errno.ENOENT)
+            return Attr(nodeid, 0o100644, size=10)
+
+        async def read(self, nodeid, fh, offset, size, ctx):
+            await asyncio.sleep(0)
+            if nodeid >> 56 == 3:
+                raise FsError(errno.EIO)
+            return b"x" * size
+
+    async def main():
+        srv = FuseServer(Counted())
+        f = FuseRequestFactory()
+        srv.handle(f.init())
+        srv.handle(f.getattr(1))
+        srv.handle(f.getattr((2 << 56) | 5))
+        srv.handle(f.getattr(7))
+        await srv.handle(f.read((2 << 56) | 5, 0, 0, 10))
+        await srv.handle(f.read((3 << 56) | 5, 0, 0, 10))
+        assert hits[0] == [1, 0] and hits[2] == [1, 1] and errs[0] == [1, 0] and errs[3] == [0, 1]
+
+    asyncio.run(main())
