@@ -317,7 +317,7 @@ class NydusDaemon:
                 raise MountError(f"remount at {mountpoint}: {exc.strerror}") from None
             self._instances[path] = inst
             await self._release(old)
-            self._invalidate(path)
+            await self._invalidate(path)
             self._after_mount(inst)
 
     async def umount(self, mountpoint: str) -> None:
@@ -337,7 +337,7 @@ class NydusDaemon:
         if inst.tasks:
             await asyncio.gather(*inst.tasks, return_exceptions=True)
         await self._release(inst)
-        self._invalidate(path)
+        await self._invalidate(path)
         log.info("%s unmounted (%s)", path, inst.source)
 
     def _check_alive(self) -> None:
@@ -460,10 +460,15 @@ class NydusDaemon:
         """The live backends, each once (shared by the instances configured alike)."""
         return [s.backend for s in self._backends.values()]
 
-    def _invalidate(self, path: str) -> None:
-        """Make FUSE forget the dentry at ``path`` so the next lookup sees the change."""
+    async def _invalidate(self, path: str) -> None:
+        """Make FUSE forget the dentry at ``path`` so the next lookup sees the change.
+
+        Done before the mount request is answered, so a client that looks right
+        after a 204 sees the new state.  virtio-fs has no notification queue in
+        QEMU 7.2: its guests see changes when the 1 s pseudo entry timeout ends.
+        """
         if self._fuse is not None:
-            self._fuse.invalidate(path)
+            await self._fuse.invalidate(path)
 
     # -- transports -----------------------------------------------------------------
     def new_fuse_server(self, **kwargs: Any) -> FuseServer:
@@ -625,14 +630,20 @@ class _FuseSession:
         # The kernel ended the session (someone unmounted us): nydusd exits.
         self.daemon.request_stop("the FUSE session ended")
 
-    def invalidate(self, path: str) -> None:
+    async def invalidate(self, path: str) -> None:
         parent, name = self.daemon.vfs.stale_entry(path)
         if parent is None or self.mount.fd < 0:
             return
         from ..transport.fusedev import notify_inval_entry
 
-        # In a worker thread: the kernel may wait for us to answer a LOOKUP first.
-        asyncio.get_running_loop().run_in_executor(None, notify_inval_entry, self.mount.fd, parent, name)
+        # In a worker thread while the loop serves: the kernel may wait for us to
+        # answer a LOOKUP in that directory first.  Bounded, so a kernel that
+        # never lets go cannot hang the API.
+        fut = asyncio.get_running_loop().run_in_executor(None, notify_inval_entry, self.mount.fd, parent, name)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("FUSE entry invalidation of %s is taking long; answering anyway", path)
 
     async def close(self, *, unmount: bool) -> None:
         self._closing = True
