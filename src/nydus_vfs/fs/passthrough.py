@@ -68,6 +68,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from ..errors import ConfigError, FsError
+from ..fuse import abi
 from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, FileSegment, ReadData, SetAttr, StatFs
 from . import _linux
 
@@ -81,21 +82,11 @@ _TIMEOUT = 1.0
 #: d_ino of a READDIR entry whose inode the guest has not looked up (libfuse's FUSE_UNKNOWN_INO).
 _UNKNOWN_INO = 0xFFFF_FFFF
 
-# Guest open(2) flags (asm-generic, x86-64 and aarch64 guests alike for these bits).
-_G_ACCMODE = 0o3
-_G_CREAT = 0o100
-_G_EXCL = 0o200
-_G_TRUNC = 0o1000
-_G_APPEND = 0o2000
+# Guest open(2) flags (asm-generic, x86-64 and aarch64 guests alike for these bits);
+# the ones fuse/abi.py does not name.
 _G_DSYNC = 0o10000
 _G_DIRECT = 0o40000
 _G_SYNC = 0o4010000
-_FOPEN_DIRECT_IO = 1 << 0
-
-# fuse_setattr_in.valid bits (fuse/abi.py; repeated here to keep the import direction).
-_FATTR_MODE, _FATTR_UID, _FATTR_GID, _FATTR_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
-_FATTR_ATIME, _FATTR_MTIME, _FATTR_FH = 1 << 4, 1 << 5, 1 << 6
-_FATTR_ATIME_NOW, _FATTR_MTIME_NOW = 1 << 7, 1 << 8
 
 _RENAME_FLAGS = 1 | 2 | 4   # NOREPLACE, EXCHANGE, WHITEOUT
 _OFFSET_MAX = 0x7FFF_FFFF_FFFF_FFFF
@@ -549,32 +540,32 @@ class PassthroughFs:
         inode = self._get(ino)
         fd = self._fd(inode)
         valid = attrs.valid
-        h = self._handles.get(attrs.fh) if valid & _FATTR_FH else None
+        h = self._handles.get(attrs.fh) if valid & abi.FATTR_FH else None
         hfd = h.fd if h is not None and h.ino == ino else -1
-        if valid & _FATTR_MODE:
+        if valid & abi.FATTR_MODE:
             if hfd >= 0:
                 os.fchmod(hfd, attrs.mode & 0o7777)
             elif inode.fmt == stat.S_IFLNK:
                 raise FsError(errno.EOPNOTSUPP)
             else:
                 os.chmod(_proc(fd), attrs.mode & 0o7777)
-        if valid & (_FATTR_UID | _FATTR_GID):
-            uid = attrs.uid if valid & _FATTR_UID else 0xFFFF_FFFF
-            gid = attrs.gid if valid & _FATTR_GID else 0xFFFF_FFFF
+        if valid & (abi.FATTR_UID | abi.FATTR_GID):
+            uid = attrs.uid if valid & abi.FATTR_UID else 0xFFFF_FFFF
+            gid = attrs.gid if valid & abi.FATTR_GID else 0xFFFF_FFFF
             _linux.fchownat(fd, b"", uid, gid, _linux.AT_EMPTY_PATH)
-        if valid & _FATTR_SIZE:
+        if valid & abi.FATTR_SIZE:
             if hfd >= 0:
                 os.ftruncate(hfd, attrs.size)
             elif inode.fmt != stat.S_IFREG:
                 raise FsError(errno.EISDIR if inode.fmt == stat.S_IFDIR else errno.EINVAL)
             else:
                 os.truncate(_proc(fd), attrs.size)
-        if valid & (_FATTR_ATIME | _FATTR_MTIME):
+        if valid & (abi.FATTR_ATIME | abi.FATTR_MTIME):
             atime = mtime = (0, _linux.UTIME_OMIT)
-            if valid & _FATTR_ATIME:
-                atime = (0, _linux.UTIME_NOW) if valid & _FATTR_ATIME_NOW else (attrs.atime, attrs.atimensec)
-            if valid & _FATTR_MTIME:
-                mtime = (0, _linux.UTIME_NOW) if valid & _FATTR_MTIME_NOW else (attrs.mtime, attrs.mtimensec)
+            if valid & abi.FATTR_ATIME:
+                atime = (0, _linux.UTIME_NOW) if valid & abi.FATTR_ATIME_NOW else (attrs.atime, attrs.atimensec)
+            if valid & abi.FATTR_MTIME:
+                mtime = (0, _linux.UTIME_NOW) if valid & abi.FATTR_MTIME_NOW else (attrs.mtime, attrs.mtimensec)
             try:
                 _linux.utimensat(fd, b"", atime, mtime, _linux.AT_EMPTY_PATH)
             except OSError as exc:
@@ -660,15 +651,15 @@ class PassthroughFs:
 
     # -- files ------------------------------------------------------------------------------
     def _host_flags(self, flags: int) -> int:
-        acc = flags & _G_ACCMODE
-        if acc == _G_ACCMODE:
+        acc = flags & abi.O_ACCMODE
+        if acc == abi.O_ACCMODE:
             raise FsError(errno.EINVAL)
-        if self.readonly and (acc != os.O_RDONLY or flags & (_G_TRUNC | _G_CREAT)):
+        if self.readonly and (acc != os.O_RDONLY or flags & (abi.O_TRUNC | abi.O_CREAT)):
             raise FsError(errno.EROFS)
         out = acc | os.O_CLOEXEC
-        if flags & _G_APPEND:
+        if flags & abi.O_APPEND:
             out |= os.O_APPEND
-        if flags & _G_TRUNC:
+        if flags & abi.O_TRUNC:
             out |= os.O_TRUNC
         if flags & _G_SYNC == _G_SYNC:
             out |= os.O_SYNC
@@ -684,7 +675,7 @@ class PassthroughFs:
         if inode.fmt != stat.S_IFREG:
             raise FsError(errno.EISDIR if inode.fmt == stat.S_IFDIR else errno.ENXIO)
         fd = os.open(_proc(self._fd(inode)), self._host_flags(flags))
-        return self._new_handle(fd, ino), _FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
+        return self._new_handle(fd, ino), abi.FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
 
     @_fs_errors
     def create(self, parent: int, name: bytes, mode: int, flags: int, umask: int,
@@ -695,7 +686,7 @@ class PassthroughFs:
             raise FsError(errno.EINVAL)
         pfd = self._fd(self._get(parent))
         hflags = self._host_flags(flags)
-        fopen = _FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
+        fopen = abi.FOPEN_DIRECT_IO if flags & _G_DIRECT else 0
         # O_EXCL always: an existing name is never opened by this open(2), since
         # O_CREAT alone would open a FIFO (blocking the loop) or a device node the
         # guest made (reaching the host's device).  It is reopened as OPEN does.
@@ -703,7 +694,7 @@ class PassthroughFs:
             with self._creds(ctx):
                 fd = os.open(name, hflags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o7777, dir_fd=pfd)
         except FileExistsError:
-            if flags & _G_EXCL:
+            if flags & abi.O_EXCL:
                 raise
             # (On failure the looked-up inode stays known: the kernel may hold
             # it from an earlier LOOKUP, and the same name maps to the same entry.)
