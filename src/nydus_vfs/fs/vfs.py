@@ -83,9 +83,13 @@ del _opcode, _name
 
 
 def _data_len(data) -> int:
-    if isinstance(data, (bytes, bytearray, memoryview)):
+    kind = type(data)
+    if kind is bytes or kind is bytearray or kind is memoryview:
         return len(data)
-    return sum(item.length if isinstance(item, FileSegment) else len(item) for item in data)
+    n = 0
+    for item in data:
+        n += item[2] if type(item) is FileSegment else len(item)
+    return n
 
 # fuse_init_in flags the kernel offers (include/uapi/linux/fuse.h).
 _NO_OPEN_SUPPORT = 1 << 17
