@@ -347,8 +347,11 @@ class FuseServer:
             return error_reply(unique, errno.EIO)
         hits = self._hits
         # A READ that suspended is counted when it ends (_PendingRead).
-        if hits is not None and opcode < len(self._fopmap) and (opcode != _READ or type(reply) is list):
-            fop = self._fopmap[opcode]
+        if hits is not None and (opcode != _READ or type(reply) is list):
+            try:
+                fop = self._fopmap[opcode]
+            except IndexError:  # opcodes past the table (CUSE_INIT, hostile ones) are not counted
+                fop = -1
             if fop >= 0:
                 hits[nodeid >> 56][fop] += 1
         if out_capacity is not None and type(reply) is bytes and len(reply) > out_capacity:
