@@ -163,6 +163,26 @@ def _set_rlimit(n: int) -> None:
         log.warning("cannot raise RLIMIT_NOFILE to %d: %s", n, exc)
 
 
+def _enable_crash_traces(log_file: str | None) -> None:
+    """Fatal signals (SIGSEGV, SIGBUS, SIGABRT, SIGFPE, SIGILL) leave a traceback in the log.
+
+    Nothing should ever get there, but a daemon serving a guest that dies
+    silently leaves that guest hung (QEMU 7.2 cannot reconnect a vhost-user-fs
+    device): if it happens, the log must say where.
+    """
+    import faulthandler
+
+    stream = None
+    if log_file:
+        from ..utils.logging import resolve_log_path
+
+        try:
+            stream = open(resolve_log_path(log_file), "a", encoding="utf-8")  # noqa: SIM115 - process lifetime
+        except (OSError, ConfigError):
+            stream = None
+    faulthandler.enable(file=stream or sys.stderr, all_threads=True)
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop
@@ -295,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"nydusd: cannot set up logging: {exc}", file=sys.stderr)
         return 1
+    _enable_crash_traces(args.log_file)
     _set_rlimit(args.rlimit_nofile)
     try:
         _check_args(args)

@@ -75,3 +75,18 @@ def test_dedup_db_and_writable_without_overlay_are_warned(tmp_path, caplog):
         nydusd._check_args(args)
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "--dedup-db /tmp/cas.db" in text and "--writable" in text
+
+
+def test_a_fatal_signal_leaves_a_traceback_in_the_log(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    log = tmp_path / "nydusd.log"
+    code = ("import os, signal, sys; from nydus_vfs.cli import nydusd; nydusd._enable_crash_traces(sys.argv[1]); "
+            "os.kill(os.getpid(), signal.SIGSEGV)")
+    r = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, timeout=60,
+                       env={**os.environ})
+    assert r.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in log.read_text()
