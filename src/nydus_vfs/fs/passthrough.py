@@ -793,7 +793,7 @@ class PassthroughFs:
         retries with a growing pause (1 ms .. 50 ms) until the lock is free, the
         handle is released (EBADF) or the guest interrupts it (EINTR).
         """
-        fd = self._handle(fh).fd
+        self._handle(fh)  # EBADF for a handle that is not open
         if flock:
             if lock.type not in (0, 1, 2):
                 raise FsError(errno.EINVAL)

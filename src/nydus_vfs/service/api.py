@@ -26,11 +26,9 @@ not block metrics (mounts are serialised by the daemon itself).
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
-import socket
 import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ConfigError, NydusError
 from ..utils.logging import API_LOG_LEVELS, set_level
+from ..utils.unixsock import listen_unix
 from .state import DaemonState, UnexpectedEventError
 
 __all__ = ["ApiServer", "MAX_CONNECTIONS", "MAX_LINE", "MAX_BODY"]
@@ -137,9 +136,7 @@ class ApiServer:
     # -- socket ---------------------------------------------------------------------
     async def start(self, path: str) -> None:
         """Bind ``path`` (mode 0600) and serve; ServiceError if another daemon serves it."""
-        from .daemon import ServiceError
-
-        sock = _bind(path, ServiceError)
+        sock = listen_unix(path, flag="--apisock", backlog=64, mode=0o600)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=MAX_LINE,
@@ -398,43 +395,6 @@ class ApiServer:
             # FUSE and virtio-fs daemons answer this with 204 and do nothing (nydus-surface.md §3.3).
             return _reply(204)
         if request.method == "GET" and "domain_id" not in request.query:
-            raise _ApiError(400, f"QueryString(\"'domain_id' should be specified in query string\")")
+            raise _ApiError(400, "QueryString(\"'domain_id' should be specified in query string\")")
         raise _ApiError(501, 'Unsupported("blob cache entries need the singleton (fscache) service, '
                              'which this nydusd does not run")')
-
-
-def _bind(path: str, error: type[Exception]) -> socket.socket:
-    """A listening unix socket at ``path`` with mode 0600, replacing only a stale socket file."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise error(f"--apisock {path}: exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise error(f"--apisock {path}: cannot tell whether it is in use: {exc.strerror}") from None
-            log.info("replacing stale API socket %s", path)
-            os.unlink(path)
-        else:
-            raise error(f"--apisock {path}: another daemon is serving its API there")
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise error(f"cannot listen on API socket {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(64)
-    sock.setblocking(False)
-    return sock

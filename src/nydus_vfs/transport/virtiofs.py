@@ -73,6 +73,7 @@ from .._native.binding import (
 )
 from ..errors import ConfigError, TransportError
 from ..fuse.codec import error_reply
+from ..utils.unixsock import listen_unix
 from ..utils.io import FileSegment
 
 __all__ = ["VirtioFsTransport", "serve_virtiofs", "listen_vhost_user", "ShimConfig"]
@@ -604,29 +605,14 @@ def listen_vhost_user(sock: str | os.PathLike | socket.socket) -> tuple[socket.s
     """A non-blocking listening unix socket for front-ends, and the path it was bound to.
 
     A socket object is used as it is (path None).  A stale socket file at the
-    path is replaced; any other file there is refused with ConfigError, a bind
-    failure is TransportError.
+    path is replaced; a live one (another daemon serves it) and a bind failure
+    are TransportError, any other file there is ConfigError.
     """
     if isinstance(sock, socket.socket):
         sock.setblocking(False)
         return sock, None
     path = os.fspath(sock)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"--sock {path}: exists and is not a socket; refusing to replace it")
-        os.unlink(path)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listener.bind(path)
-        listener.listen(_BACKLOG)
-    except OSError as exc:
-        listener.close()
-        raise TransportError(f"cannot listen on vhost-user socket {path}: {exc.strerror}") from None
-    listener.setblocking(False)
+    listener = listen_unix(path, flag="--sock", backlog=_BACKLOG)
     return listener, path
 
 
