@@ -194,3 +194,26 @@ def test_sigterm_of_a_busy_daemon_exits_0(tmp_path, mnt, image):
         t.join(10)
     assert not any(t.is_alive() for t in threads), "a reader hangs on the unmounted daemon"
     assert not mounts_at(resolve_mountpoint(str(mnt)))
+
+
+def test_a_second_virtiofs_daemon_does_not_steal_a_live_socket(tmp_path):
+    from nydus_vfs._native import binding
+
+    if binding.unavailable_reason():
+        pytest.skip(f"nydusd virtiofs needs the shim: {binding.unavailable_reason()}")
+    sock = tmp_path / "vu.sock"
+    first = subprocess.Popen(NYDUSD + ["virtiofs", "--sock", str(sock), "--log-file", str(tmp_path / "a.log")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=PROJECT_ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            assert first.poll() is None, first.stderr.read().decode()
+            time.sleep(0.05)
+        r = subprocess.run(NYDUSD + ["virtiofs", "--sock", str(sock)], capture_output=True, text=True,
+                           timeout=30, cwd=PROJECT_ROOT)
+        assert r.returncode == 1 and "another daemon is serving there" in r.stderr, r.stderr
+        assert first.poll() is None and sock.exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=10) == 0
+    assert not sock.exists()
