@@ -98,3 +98,20 @@ def test_the_embedding_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["state: RUNNING", "pseudo_1: ['bin', 'etc', 'usr']", "reads so far: 0",
                                      "state: STOPPED"]
+
+
+def test_a_writable_export_is_served_over_one_transport_only(tmp_path):
+    from nydus_vfs.service import UnsupportedError
+
+    (tmp_path / "mnt").mkdir()
+
+    async def main():
+        async with NydusDaemon(writable=True) as d:
+            await d.serve_virtiofs(str(tmp_path / "vu.sock"))
+            with pytest.raises(UnsupportedError, match="one transport at a time"):
+                await d.serve_fuse(str(tmp_path / "mnt"))
+            with pytest.raises(UnsupportedError):
+                await d.serve_virtiofs(str(tmp_path / "vu2.sock"))
+        assert not mounts_at(resolve_mountpoint(str(tmp_path / "mnt")))
+
+    asyncio.run(main())

@@ -478,6 +478,13 @@ class NydusDaemon:
         self._servers.append(server)
         return server
 
+    def _check_one_session(self) -> None:
+        # Passthrough inodes live as long as the kernel's lookup counts of *one* FUSE
+        # session: a second session's FORGETs would drop inodes the first still uses.
+        if self.writable and (self._fuse is not None or self._virtiofs):
+            raise UnsupportedError("a writable export (passthrough_fs) is served over one transport at a "
+                                   "time; serve read-only exports to FUSE and virtio-fs at once")
+
     def _enter_running(self) -> None:
         if self.state is DaemonState.INIT:
             self._fire(DaemonEvent.MOUNT)
@@ -493,6 +500,7 @@ class NydusDaemon:
         self._check_alive()
         if self._fuse is not None:
             raise ServiceError(f"already serving FUSE on {self._fuse.mount.path}")
+        self._check_one_session()
         from ..transport.fusedev import mount_fuse
 
         loop = asyncio.get_running_loop()
@@ -516,6 +524,7 @@ class NydusDaemon:
         built, the socket cannot be bound) before anything is started.
         """
         self._check_alive()
+        self._check_one_session()
         from ..transport.virtiofs import VirtioFsTransport
 
         server = self.new_fuse_server()
