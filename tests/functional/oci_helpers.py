@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import subprocess
 import tarfile

@@ -7,7 +7,6 @@ test failure.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest

@@ -717,7 +717,7 @@ def test_a_failing_chunk_is_logged_once_however_often_it_is_read(tmp_path, caplo
             with pytest.raises(ChunkCorruptError):
                 run(device.read([(sb.chunks[1], 100, 10)]))
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and f"chunk 1" in errors[0].getMessage()
+    assert len(errors) == 1 and "chunk 1" in errors[0].getMessage()
     device.close()
 
 
