@@ -8,14 +8,11 @@ instance exists; otherwise (none, or ambiguous) it is a 404 ``NoCounter``.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from ._errors import ServiceError, UnsupportedError
 
 __all__ = ["DaemonMetrics", "NoCounterError"]
-
-_SIZE_DIST = 8
 
 
 class NoCounterError(ServiceError):
@@ -62,7 +59,7 @@ class DaemonMetrics:
 
     def backend(self, id: str | None) -> dict[str, Any]:
         inst = self._instance(id, "Metrics({})")
-        return backend_json(inst.fs.device.backend)
+        return inst.fs.device.backend.metrics.to_dict()
 
     def blobcache(self, id: str | None) -> dict[str, Any]:
         inst = self._instance(id, "Metrics({})", by_config_id=True)
@@ -108,7 +105,7 @@ class DaemonMetrics:
                         hits.add_metric([path, fop], m.fop_hits[i])
                         errs.add_metric([path, fop], m.fop_errors[i])
                     data.add_metric([path], m.data_read)
-                    b = backend_json(inst.fs.device.backend)
+                    b = inst.fs.device.backend.metrics.to_dict()
                     bread.add_metric([path, b["backend_type"]], b["read_amount_total"])
                     bcount.add_metric([path, b["backend_type"]], b["read_count"])
                     berr.add_metric([path, b["backend_type"]], b["read_errors"])
@@ -117,17 +114,3 @@ class DaemonMetrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Collector(self))
         return generate_latest(registry)
-
-
-def backend_json(backend) -> dict[str, Any]:
-    """BackendMetrics with every field upstream serialises (missing distributions as zeros)."""
-    m = backend.metrics
-    out = dataclasses.asdict(m) if dataclasses.is_dataclass(m) else dict(vars(m))
-    out.setdefault("read_cumulative_latency_millis_dist", [0] * _SIZE_DIST)
-    out.setdefault("read_count_block_size_dist", [0] * _SIZE_DIST)
-    out.setdefault("read_latency_sizes_dist", [[0] * _SIZE_DIST for _ in range(_SIZE_DIST)])
-    out["read_cumulative_latency_millis_total"] = int(out.get("read_cumulative_latency_millis_total", 0))
-    # S3 reports "oss", as upstream's shared object-storage metrics do.
-    if out.get("backend_type") == "s3":
-        out["backend_type"] = "oss"
-    return out
