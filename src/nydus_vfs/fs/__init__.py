@@ -16,7 +16,7 @@ from ._seam import FileSystem, ReadOnlyFs
 from .passthrough import PassthroughFs
 from .prefetch import PrefetchReport, prefetch_config, prefetch_rafs
 from .rafs import RafsFs, load_bootstrap
-from .vfs import MAX_INSTANCES, Vfs
+from .vfs import MAX_INSTANCES, Vfs, normalize_pseudo_path
 
-__all__ = ["FileSystem", "ReadOnlyFs", "RafsFs", "PassthroughFs", "Vfs", "MAX_INSTANCES", "load_bootstrap", "PrefetchReport",
+__all__ = ["FileSystem", "ReadOnlyFs", "RafsFs", "PassthroughFs", "Vfs", "MAX_INSTANCES", "normalize_pseudo_path", "load_bootstrap", "PrefetchReport",
            "prefetch_config", "prefetch_rafs"]

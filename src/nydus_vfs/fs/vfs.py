@@ -54,7 +54,7 @@ from ..fuse.ops import (
 from ._seam import FileSystem
 from .metrics import FOP_INDEX, FsMetrics
 
-__all__ = ["Vfs", "MAX_INSTANCES"]
+__all__ = ["Vfs", "MAX_INSTANCES", "normalize_pseudo_path"]
 
 log = logging.getLogger("nydus_vfs.fs")
 
@@ -708,6 +708,11 @@ def _split(path: str) -> list[bytes]:
         if p in (".", "..") or len(p.encode()) > 255 or "\0" in p:
             raise FsError(errno.EINVAL, f"mountpoint {path!r} has an invalid component {p!r}")
     return [p.encode() for p in parts]
+
+
+def normalize_pseudo_path(path: str) -> str:
+    """``path`` as the VFS keys mounts (``/a//b/`` -> ``/a/b``); FsError(EINVAL) when invalid."""
+    return "/" + "/".join(p.decode() for p in _split(path))
 
 
 def _dir_attr(node: _PseudoNode) -> Attr:

@@ -51,7 +51,8 @@ from .._version import version_info
 from ..config import DaemonConfig, parse_daemon_config
 from ..errors import ConfigError, FormatError, FsError, StorageError
 from ..fs.metrics import FsMetrics
-from ..fs import PassthroughFs, RafsFs, Vfs, load_bootstrap, prefetch_config, prefetch_rafs
+from ..fs import (PassthroughFs, RafsFs, Vfs, load_bootstrap, normalize_pseudo_path, prefetch_config,
+                  prefetch_rafs)
 from ..fuse import FuseServer
 from ..storage import BlobBackend, BlobLayer, CacheSpec
 from ..storage.backend import backend_events, create_backend
@@ -718,13 +719,10 @@ def _parse_config(config: str | DaemonConfig | None) -> DaemonConfig:
 
 
 def _norm(mountpoint: str) -> str:
-    if not isinstance(mountpoint, str) or not mountpoint.startswith("/"):
-        raise MountError(f"mountpoint {mountpoint!r} must be an absolute path")
-    parts = [p for p in mountpoint.split("/") if p]
-    for p in parts:
-        if p in (".", "..") or "\0" in p or len(p.encode()) > 255:
-            raise MountError(f"mountpoint {mountpoint!r} has an invalid component {p!r}")
-    return "/" + "/".join(parts)
+    try:
+        return normalize_pseudo_path(mountpoint)
+    except FsError as exc:
+        raise MountError(exc.strerror) from None
 
 
 def _superblock_summary(b) -> dict[str, Any]:
