@@ -352,6 +352,15 @@ def start_oci(link: ShapedLink, work: Path, image: str) -> tuple[float, float]:
     return t1 - t0, t_unpacked - t0
 
 
+def _write_registry_config(work: Path, link: ShapedLink, repo: str) -> None:
+    """work/nydusd.json: the registry behind ``link``, a blob cache in work/cache."""
+    config = {"device": {"backend": {"type": "registry",
+                                     "config": {"scheme": "http", "host": link.host, "repo": repo}},
+                         "cache": {"type": "blobcache", "config": {"work_dir": str(work / "cache")}}},
+              "mode": "direct", "digest_validate": False, "enable_xattr": True}
+    (work / "nydusd.json").write_text(json.dumps(config))
+
+
 def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[float, float]:
     """(b): bootstrap pull + nydusd (registry backend) + chroot; (seconds to first output, seconds to mounted)."""
     from nydus_vfs.convert import fetch_nydus_bootstrap
@@ -359,11 +368,7 @@ def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
     boot = work / "image.boot"
     mnt = work / "mnt"
     mnt.mkdir()
-    config = {"device": {"backend": {"type": "registry",
-                                     "config": {"scheme": "http", "host": link.host, "repo": repo}},
-                         "cache": {"type": "blobcache", "config": {"work_dir": str(work / "cache")}}},
-              "mode": "direct", "digest_validate": False, "enable_xattr": True}
-    (work / "nydusd.json").write_text(json.dumps(config))
+    _write_registry_config(work, link, repo)
     t0 = time.monotonic()
     asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
     proc = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--config",
@@ -415,11 +420,7 @@ def start_guest(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
         raise BenchError(reason)
     boot = work / "image.boot"
     sock = work / "vfs.sock"
-    config = {"device": {"backend": {"type": "registry",
-                                     "config": {"scheme": "http", "host": link.host, "repo": repo}},
-                         "cache": {"type": "blobcache", "config": {"work_dir": str(work / "cache")}}},
-              "mode": "direct", "digest_validate": False, "enable_xattr": True}
-    (work / "nydusd.json").write_text(json.dumps(config))
+    _write_registry_config(work, link, repo)
     t0 = time.monotonic()
     asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
     proc = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "virtiofs", "--sock", str(sock),

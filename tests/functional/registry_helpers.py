@@ -52,6 +52,17 @@ def need(binary: str) -> str:
     return path
 
 
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """SIGTERM ``proc`` if it runs, SIGKILL after 10 s; waits for it either way."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -252,13 +263,7 @@ class DockerRegistry:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def blob_gets(self) -> int:
         """How many blob GETs from nydus-vfs the registry log shows."""
@@ -405,13 +410,7 @@ class Tinyproxy:
 
     def stop(self) -> None:
         """SIGTERM (so it flushes its log) and wait; the port is closed afterwards."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -467,13 +466,7 @@ class MotoS3:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class FaultProxy:

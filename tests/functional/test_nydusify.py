@@ -70,6 +70,17 @@ def _get(url: str) -> bytes:
         return r.read()
 
 
+def _fetch_image(registry, blobs: list, boot: dict, tmp_path):
+    """The converted image's blobs (into tmp/blobs, named by digest) and tmp/image.boot, by plain HTTP."""
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    for d in blobs:
+        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
+    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
+        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    return blob_dir
+
+
 def _converted(registry, source, tmp_path, tag: str, *extra: str, repo: str = "app"):
     work = tmp_path / "work"
     r = nydusify("convert", "--source", f"{registry.host}/app:v1", "--target", f"{registry.host}/{repo}:{tag}",
@@ -170,12 +181,7 @@ def test_bootstrap_is_valid_and_the_image_equals_the_umoci_unpacked_source(regis
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
     # Fetch everything by plain HTTP, independently of nydusify.
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    for d in blobs:
-        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
-    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
-        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    blob_dir = _fetch_image(registry, blobs, boot, tmp_path)
     r = subprocess.run(NYDUS_IMAGE + ["check", str(tmp_path / "image.boot"), "--blob-dir", str(blob_dir)],
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
@@ -572,12 +578,7 @@ def test_backend_proxy_serves_converted_blobs_to_nydusd(registry, source, nydus_
     _need_fuse()
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    for d in blobs:
-        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
-    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
-        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    blob_dir = _fetch_image(registry, blobs, boot, tmp_path)
     proxy = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydus_backend_proxy", "--blobsdir",
                               str(blob_dir), "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -619,12 +620,7 @@ def test_converted_blobs_mounted_by_nydusd_from_a_blob_dir_equal_the_umoci_tree(
     need("umoci")
     manifest = skopeo_raw(f"{registry.host}/app:v1-nydus")
     *blobs, boot = manifest["layers"]
-    blob_dir = tmp_path / "blobs"
-    blob_dir.mkdir()
-    for d in blobs:
-        (blob_dir / d["digest"][7:]).write_bytes(_get(f"http://{registry.host}/v2/app/blobs/{d['digest']}"))
-    with tarfile.open(fileobj=io.BytesIO(_get(f"http://{registry.host}/v2/app/blobs/{boot['digest']}"))) as tf:
-        (tmp_path / "image.boot").write_bytes(tf.extractfile("image/image.boot").read())
+    blob_dir = _fetch_image(registry, blobs, boot, tmp_path)
     r = subprocess.run(["umoci", "unpack", "--image", f"{source}:v1", str(tmp_path / "bundle")],
                        capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()

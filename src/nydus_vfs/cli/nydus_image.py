@@ -29,6 +29,7 @@ from ..builder import (DEFAULT_CHUNK_SIZE, INSPECT_COMMANDS, BuildOptions, Incon
 from ..errors import BuildError, NydusError
 from ..format.types import Compressor, Digester
 from ..utils.logging import setup_logging
+from ._common import run_subcommand
 
 __all__ = ["main", "build_parser"]
 
@@ -322,20 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_usage(sys.stderr)
         return 1
-    try:
-        return _COMMANDS[args.command](args)
-    except InconsistentFilesystemError as exc:
-        log.error("message:%s", exc)
-        return 2
-    except (NydusError, _CliError) as exc:
-        log.error("%s", exc)
-        return 1
-    except OSError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    # merge exits 2 on inconsistent layers, as upstream (nydus-surface.md §4.2).
+    return run_subcommand(lambda: _COMMANDS[args.command](args), log, expected=(_CliError,),
+                          statuses={InconsistentFilesystemError: (2, "message:%s")})
 
 
 if __name__ == "__main__":  # pragma: no cover

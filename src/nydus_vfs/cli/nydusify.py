@@ -37,6 +37,7 @@ from ..convert import (CheckOptions, ConvertOptions, Reference, check_image, con
                        docker_credentials, fetch_nydus_bootstrap, host_platform, object_store_from_config)
 from ..errors import NydusError
 from ..utils.logging import setup_logging
+from ._common import run_subcommand
 
 __all__ = ["main", "build_parser"]
 
@@ -312,17 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_usage(sys.stderr)
         return 1
-    try:
-        return _COMMANDS[args.command](args)
-    except (NydusError, _UsageError) as exc:
-        log.error("%s", exc)
-        return 1
-    except OSError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    return run_subcommand(lambda: _COMMANDS[args.command](args), log, expected=(_UsageError,))
 
 
 if __name__ == "__main__":  # pragma: no cover
