@@ -317,7 +317,7 @@ class ApiServer:
         for key in ("source", "config"):
             if key not in body:
                 raise _ApiError(400, f"ParseBody(Error(\"missing field `{key}`\", line: 1, column: 1))")
-        if not isinstance(body["source"], str) or not isinstance(body["config"], str):
+        if not all(isinstance(body.get(k, ""), str) for k in ("source", "config", "fs_type")):
             raise _ApiError(400, "ParseBody(Error(\"invalid type: expected a string\", line: 1, column: 1))")
         pf = body.get("prefetch_files")
         if pf is not None and (not isinstance(pf, list) or not all(isinstance(p, str) for p in pf)):

@@ -694,7 +694,7 @@ class _VirtioFsSession:
 
 
 def _fs_kind(fs_type: str) -> str:
-    kind = FS_TYPES.get(fs_type or "")
+    kind = FS_TYPES.get(fs_type or "") if isinstance(fs_type, str) else None
     if kind is None:
         raise MountError(f"only 'rafs' and 'passthrough_fs' are supported, got {fs_type!r}")
     return kind

@@ -180,6 +180,8 @@ def test_bad_mount_commands(api, tmp_path):
          "No such file"),
         ("/a/../b", json.dumps({"source": str(boot), "fs_type": "rafs", "config": good_cfg}), 500,
          "invalid component"),
+        ("/m", json.dumps({"source": str(boot), "fs_type": ["rafs"], "config": good_cfg}), 400,
+         "invalid type"),
         ("/m", json.dumps({"source": str(boot), "fs_type": "", "config": good_cfg}), 500,
          "only 'rafs' and 'passthrough_fs' are supported"),
         ("/m", json.dumps({"source": str(boot), "fs_type": "rafs", "config": good_cfg,
