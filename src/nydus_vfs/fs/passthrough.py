@@ -158,6 +158,7 @@ def _attr(ino: int, st: os.stat_result, _new=Attr.__new__) -> Attr:
     a.atime, a.atimensec = divmod(st.st_atime_ns, 1_000_000_000)
     a.ctime, a.ctimensec = divmod(st.st_ctime_ns, 1_000_000_000)
     a.blksize = st.st_blksize
+    a.timeout = _TIMEOUT  # the host may change it: GETATTR answers are revalidated like entries
     a._packed = None
     return a
 

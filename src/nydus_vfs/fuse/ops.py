@@ -63,12 +63,14 @@ class Attr:
 
     Instances are treated as immutable once handed to the server: the codec
     caches their packed form in ``_packed`` so a hot GETATTR is one slice copy.
+    ``timeout`` is how long the kernel may cache them after a GETATTR or
+    SETATTR (``attr_valid``); ``None`` means the operations' ``attr_timeout``.
     """
 
     __slots__ = (
         "ino", "size", "blocks", "atime", "mtime", "ctime",
         "atimensec", "mtimensec", "ctimensec", "mode", "nlink",
-        "uid", "gid", "rdev", "blksize", "_packed",
+        "uid", "gid", "rdev", "blksize", "timeout", "_packed",
     )
 
     def __init__(
@@ -89,6 +91,7 @@ class Attr:
         ctime: int | None = None,
         ctimensec: int | None = None,
         blksize: int = 4096,
+        timeout: float | None = None,
     ) -> None:
         self.ino = ino
         self.mode = mode
@@ -105,6 +108,7 @@ class Attr:
         self.ctime = mtime if ctime is None else ctime
         self.ctimensec = mtimensec if ctimensec is None else ctimensec
         self.blksize = blksize
+        self.timeout = timeout
         self._packed: bytes | None = None
 
     def __repr__(self) -> str:

@@ -691,7 +691,9 @@ class FuseServer:
         flags, _, fh = _GETATTR_IN(buf, _HDR)
         attr = self._getattr(nodeid, fh if flags & abi.FUSE_GETATTR_FH else None, ctx)
         packed = attr._packed or pack_attr(attr)
-        timeout = self._ops.attr_timeout
+        timeout = attr.timeout
+        if timeout is None:
+            timeout = self._ops.attr_timeout
         if timeout != self._attr_timeout:
             self._attr_s, self._attr_ns = split_timeout(timeout)
             self._attr_timeout = timeout
@@ -1043,7 +1045,7 @@ class FuseServer:
                         fh, lock_owner)
         attr = self._ops.setattr(nodeid, attrs, ctx)
         packed = attr._packed or pack_attr(attr)
-        es, ens = self._timeout(self._ops.attr_timeout)
+        es, ens = self._timeout(self._ops.attr_timeout if attr.timeout is None else attr.timeout)
         return _ATTR_REPLY.pack(_ATTR_REPLY_LEN, 0, unique, es, ens, 0) + packed
 
     def _op_mknod(self, buf, n, unique, nodeid, ctx, cap):

@@ -173,6 +173,16 @@ def test_lookup_read_getattr_readdir(guest, shared):
     assert guest.lookup(ROOT, b"hello").nodeid == e.nodeid
 
 
+def test_getattr_and_setattr_answers_expire_like_entries(guest, shared):
+    # The host may change a shared file at any time: a GETATTR answer must be
+    # revalidated after a second (cache=auto), not kept as long as an image's.
+    e = guest.lookup(ROOT, b"hello")
+    out = codec.AttrOut.from_bytes(guest.payload(guest.f.getattr(e.nodeid)))
+    assert (out.attr_valid, out.attr_valid_nsec) == (1, 0)
+    out = codec.AttrOut.from_bytes(guest.payload(guest.f.setattr(e.nodeid, abi.FATTR_MODE, mode=0o100600)))
+    assert (out.attr_valid, out.attr_valid_nsec) == (1, 0) and out.attr.mode == 0o100600
+
+
 def test_create_write_truncate_append_on_the_host(guest, shared):
     e, fh = guest.create(ROOT, b"new", 0o100640, abi.O_WRONLY | abi.O_CREAT | abi.O_EXCL)
     assert guest.write(e.nodeid, fh, 0, b"abcdef") == 6
