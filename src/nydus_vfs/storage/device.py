@@ -649,7 +649,10 @@ class BlobDevice:
             else:
                 chunks, start = more
                 following_chunks = chunks[start + 1:]
-            budget = self.amplify_io - chunk.compressed_size
+            # The window counts file bytes (uncompressed), as nydusd's amplify_io
+            # does: a compressed budget would fetch two to three times as much
+            # and pull unrelated files into a lazily started container.
+            budget = self.amplify_io - chunk.uncompressed_size
             seen = {key}
             for following in following_chunks:
                 if budget <= 0:
@@ -664,7 +667,7 @@ class BlobDevice:
                     check_chunk(blob, following)
                 except StorageError:
                     continue
-                budget -= following.compressed_size
+                budget -= following.uncompressed_size
                 if budget < 0:
                     break
                 flight = flights.try_lead(fkey)
@@ -817,7 +820,7 @@ class BlobDevice:
                 return segment
         data = None
         # Local backends read at disk speed: merging saves no round trip there.
-        if more is not None and self.amplify_io > chunk.compressed_size and not self.backend.supports_sync:
+        if more is not None and self.amplify_io > chunk.uncompressed_size and not self.backend.supports_sync:
             data = await self._amplified(index, chunk, more)
         if data is None:
             data = await self._fetch(index, chunk)

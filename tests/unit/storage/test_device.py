@@ -764,6 +764,18 @@ def test_a_miss_fetches_the_following_chunks_in_one_request(tmp_path, cache):
     device.close()
 
 
+def test_the_amplify_window_counts_file_bytes_not_stored_bytes(tmp_path):
+    # Compressible chunks store a few bytes each: a window measured in stored
+    # bytes would take the whole blob; nydusd's counts file (uncompressed) bytes.
+    sb = make_blob([bytes([k]) * 3000 for k in range(8)], aligned=False)
+    assert all(c.compressed_size < 100 for c in sb.chunks)
+    device, backend = _amp_device(tmp_path, sb, 4 * 3000 + 10)
+    assert _read_in_file(device, sb.chunks, 0) == sb.plain[0]
+    c = sb.chunks
+    assert backend.reads == [(sb.blob_id, 0, c[3].compressed_offset + c[3].compressed_size)]
+    device.close()
+
+
 def test_without_amplify_or_with_a_local_backend_each_miss_is_one_chunk(tmp_path):
     sb = make_blob([os.urandom(3000) for _ in range(4)], aligned=False)
     device, backend = _amp_device(tmp_path, sb, 0)
