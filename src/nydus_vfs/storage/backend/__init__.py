@@ -16,11 +16,29 @@ from .base import check_blob_id as check_blob_id
 from .localfs import LocalfsBackend as LocalfsBackend
 from ._events import backend_events as backend_events
 from .factory import create_backend as create_backend
-from .http_proxy import HttpProxyBackend as HttpProxyBackend
-from .oss import OssBackend as OssBackend
-from ._registry_auth import RegistryAuth as RegistryAuth
-from .registry import RegistryBackend as RegistryBackend
-from .s3 import S3Backend as S3Backend
+
+# The HTTP backends pull in aiohttp (a quarter of a second of imports, most of
+# it building aiohttp's default SSL context).  A daemon serving local blobs
+# never needs them, and one that does imports only its own type (the factory
+# imports by type), so they load on first attribute access (PEP 562).
+_LAZY = {
+    "HttpProxyBackend": ".http_proxy",
+    "OssBackend": ".oss",
+    "RegistryAuth": "._registry_auth",
+    "RegistryBackend": ".registry",
+    "S3Backend": ".s3",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "BackendMetrics",
