@@ -358,6 +358,8 @@ def _write_registry_config(work: Path, link: ShapedLink, repo: str) -> None:
                                      "config": {"scheme": "http", "host": link.host, "repo": repo}},
                          "cache": {"type": "blobcache", "config": {"work_dir": str(work / "cache")}}},
               "mode": "direct", "digest_validate": False, "enable_xattr": True}
+    if AMPLIFY_IO is not None:
+        config["amplify_io"] = AMPLIFY_IO
     (work / "nydusd.json").write_text(json.dumps(config))
 
 
@@ -371,6 +373,8 @@ def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
     _write_registry_config(work, link, repo)
     t0 = time.monotonic()
     asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
+    if EXPLAIN:
+        log(f"    bootstrap ({human_bytes(boot.stat().st_size)}) fetched after {time.monotonic() - t0:.2f} s")
     proc = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--config",
                              str(work / "nydusd.json"), "--bootstrap", str(boot), "--mountpoint", str(mnt),
                              "--log-file", str(work / "nydusd.log"), "--log-level", "warn"],
@@ -386,6 +390,8 @@ def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
             time.sleep(0.01)
         t_mounted = time.monotonic()
         t1 = first_output(["chroot", str(mnt)] + WORKLOAD)
+        if EXPLAIN:
+            explain_fetch(boot, work / "cache")
         return t1 - t0, t_mounted - t0
     finally:
         proc.terminate()
@@ -395,6 +401,54 @@ def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
             proc.kill()
             proc.wait()
         unmount(mnt)
+
+
+#: Set by --explain: after each Nydus run, print which files the fetched chunks belong to.
+EXPLAIN = False
+#: Set by --amplify-io: nydusd's ``amplify_io`` (None: its default, 1 MiB).
+AMPLIFY_IO: int | None = None
+
+
+def explain_fetch(boot: Path, cache: Path, top: int = 15) -> None:
+    """Attribute the chunks the blob cache holds to files (compressed bytes each), largest first.
+
+    Reads the chunk maps by their documented layout (``<blob>.blob.data.chunk_map``:
+    a 4 KiB header, then one bit per chunk index, ``0x80 >> (i % 8)`` of byte
+    ``i // 8``; nydus-surface.md §2.4).  A chunk shared by several files (dedup)
+    is counted once, for the first path that names it.
+    """
+    from nydus_vfs.format.reader import Bootstrap
+
+    bs = Bootstrap.from_bytes(boot.read_bytes())
+    maps = {}
+    for i, blob in enumerate(bs.blobs):
+        path = cache / f"{blob.blob_id}.blob.data.chunk_map"
+        if path.is_file():
+            maps[i] = path.read_bytes()[4096:]
+    seen: set[tuple[int, int]] = set()
+    per_file: list[tuple[int, int, int, str]] = []
+    total = 0
+    for path, _ino, info in bs.walk():
+        if not info.is_reg:
+            continue
+        got = size = n = 0
+        for c in bs.chunks(_ino):
+            bits = maps.get(c.blob_index)
+            key = (c.blob_index, c.index)
+            if bits is None or key in seen or c.index // 8 >= len(bits):
+                continue
+            if bits[c.index // 8] & (0x80 >> (c.index % 8)):
+                seen.add(key)
+                got += c.compressed_size
+                size += c.uncompressed_size
+                n += 1
+        if got:
+            total += got
+            per_file.append((got, size, n, path.decode(errors="replace")))
+    per_file.sort(reverse=True)
+    log(f"    fetched chunks by file: {len(per_file)} files, {human_bytes(total)} compressed")
+    for got, size, n, path in per_file[:top]:
+        log(f"      {human_bytes(got):>10} ({n} chunks, {human_bytes(size)} uncompressed)  {path}")
 
 
 def _guest_module():
@@ -472,8 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir under the cache)")
     ap.add_argument("--no-guest", action="store_true", help="skip (c), the guest over virtio-fs")
     ap.add_argument("--modes", default="oci,nydus,guest", help="which of oci,nydus,guest to run")
+    ap.add_argument("--explain", action="store_true",
+                    help="after each Nydus run, list the files whose chunks were fetched")
+    ap.add_argument("--amplify-io", default=None,
+                    help="nydusd's amplify_io for (b) and (c) (default: nydusd's own, 1 MiB; 0 disables)")
     ap.add_argument("--chunk-size", default="0x100000", help="chunk size of the Nydus image (nydusify --chunk-size)")
     args = ap.parse_args(argv)
+    global EXPLAIN, AMPLIFY_IO
+    EXPLAIN = args.explain
+    AMPLIFY_IO = None if args.amplify_io is None else int(args.amplify_io, 0)
     if os.geteuid() != 0:
         print("lazy_start: needs root (chroot, FUSE mounts, drop_caches)", file=sys.stderr)
         return 2
