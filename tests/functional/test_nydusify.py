@@ -127,7 +127,14 @@ def test_convert_two_layer_image_manifest_annotations_and_check(registry, nydus_
     r = nydusify("check", "--target", f"{registry.host}/app:v1-nydus", "--source", f"{registry.host}/app:v1",
                  "--plain-http", "--work-dir", str(tmp_path / "check"))
     assert r.returncode == 0, r.stderr.decode()
-    assert "file trees: source" in r.stdout.decode() and "are equal" in r.stdout.decode()
+    out = r.stdout.decode()
+    assert "file trees: source" in out and "are equal" in out
+    # As root with /dev/fuse (these tests), the image is mounted from the registry by nydusd.
+    assert "(mounted by nydusd)" in out, out
+    assert not [line for line in open("/proc/self/mountinfo") if str(tmp_path) in line]
+    r = nydusify("check", "--target", f"{registry.host}/app:v1-nydus", "--source", f"{registry.host}/app:v1",
+                 "--plain-http", "--unpack", "--work-dir", str(tmp_path / "check"))
+    assert r.returncode == 0 and "(unpacked by nydus-image)" in r.stdout.decode(), r.stderr.decode()
 
 
 def _tree_of_dir(root: str) -> dict:
@@ -323,6 +330,12 @@ def test_check_fails_against_a_different_source(registry, source, nydus_v1, tmp_
     assert r.returncode == 1
     err = r.stderr.decode()
     assert "differs from source" in err and "/etc/old: only in the source image" in err
+    assert "(mounted by nydusd)" in err
+    # A nydusd that cannot mount: a clear error, nothing left mounted.
+    r = nydusify("check", "--target", f"{registry.host}/app:v1-nydus", "--source", f"{registry.host}/app:v1",
+                 "--plain-http", "--nydusd", "/bin/false", "--work-dir", str(tmp_path / "check"))
+    assert r.returncode == 1 and "nydusd exited with status 1 before mounting" in r.stderr.decode()
+    assert not [line for line in open("/proc/self/mountinfo") if str(tmp_path) in line]
     # A plain OCI image is not a nydus image.
     r = nydusify("check", "--target", f"{registry.host}/app:v1", "--plain-http", "--work-dir", str(tmp_path / "c"))
     assert r.returncode == 1 and "breaks the nydus manifest rules" in r.stderr.decode()

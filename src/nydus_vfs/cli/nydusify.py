@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -34,7 +33,8 @@ from typing import Sequence
 
 from .._version import version_text
 from ..convert import (CheckOptions, ConvertOptions, Reference, check_image, convert_image, copy_image,
-                       docker_credentials, fetch_nydus_bootstrap, host_platform, object_store_from_config)
+                       fetch_nydus_bootstrap, host_platform, nydusd_command, nydusd_config,
+                       object_store_from_config, write_nydusd_config)
 from ..errors import NydusError
 from ..utils.logging import setup_logging
 from ._common import run_subcommand
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--plain-http", action="store_true", default=bool(_env("PLAIN_HTTP")))
     k.add_argument("--platform", default=None, help=f"platform to check (default: {host_platform()})")
     k.add_argument("--work-dir", default=_env("WORK_DIR", "./output"))
+    k.add_argument("--nydusd", default=_env("NYDUSD"),
+                   help="nydusd command that mounts the image for the comparison (default: ours)")
+    how = k.add_mutually_exclusive_group()
+    how.add_argument("--mount", dest="mount", action="store_const", const=True, default=None,
+                     help="compare the image mounted by nydusd (the default where FUSE mounts work)")
+    how.add_argument("--unpack", dest="mount", action="store_const", const=False,
+                     help="compare the image unpacked by nydus-image instead of mounting it")
     _backend_flags(k, "target-")
 
     y = sub.add_parser("copy", parents=[common], help="copy an image (OCI or Nydus) between registries",
@@ -245,7 +252,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     opts = CheckOptions(target=_require(args.target, "--target"), source=args.source,
                         target_insecure=args.target_insecure, source_insecure=args.source_insecure,
                         plain_http=args.plain_http, platform=args.platform, work_dir=args.work_dir,
-                        backend=_backend(args))
+                        backend=_backend(args), mount=args.mount, nydusd=args.nydusd)
     asyncio.run(check_image(opts, _ProgressPrinter()))
     log.info("verified Nydus image %s", opts.target)
     return 0
@@ -262,23 +269,12 @@ def _cmd_mount(args: argparse.Namespace) -> int:
         boot = os.path.join(work, "nydus_bootstrap")
         ref = asyncio.run(fetch_nydus_bootstrap(args.target, boot, plain_http=args.plain_http,
                                                 insecure=args.target_insecure, platform=args.platform))
-        backend = {"scheme": "http" if args.plain_http else "https", "host": ref.registry, "repo": ref.repository,
-                   "skip_verify": bool(args.target_insecure)}
-        creds = docker_credentials(ref.registry)
-        if creds:
-            backend["auth"] = base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode()
-        config = {"device": {"backend": {"type": "registry", "config": backend},
-                             "cache": {"type": "blobcache", "config": {"work_dir": os.path.join(work, "cache")}}},
-                  "mode": "direct", "digest_validate": False, "enable_xattr": True}
-        if args.prefetch:
-            config["fs_prefetch"] = {"enable": True, "prefetch_all": True}
-        cfg_path = os.path.join(work, "nydusd-config.json")
-        with open(cfg_path, "w") as f:
-            json.dump(config, f)
+        config = nydusd_config(ref, plain_http=args.plain_http, insecure=args.target_insecure,
+                               cache_dir=os.path.join(work, "cache"), prefetch_all=args.prefetch)
+        cfg_path = write_nydusd_config(os.path.join(work, "nydusd-config.json"), config)
         os.makedirs(args.mount_path, exist_ok=True)
-        nydusd = args.nydusd.split() if args.nydusd else [sys.executable, "-m", "nydus_vfs.cli.nydusd"]
-        cmd = nydusd + ["fuse", "--config", cfg_path, "--bootstrap", boot, "--mountpoint", args.mount_path,
-                        "--log-level", args.log_level]
+        cmd = nydusd_command(args.nydusd) + ["fuse", "--config", cfg_path, "--bootstrap", boot,
+                                             "--mountpoint", args.mount_path, "--log-level", args.log_level]
         log.info("mounting %s at %s: %s", ref, args.mount_path, " ".join(cmd))
         proc = subprocess.Popen(cmd)
 

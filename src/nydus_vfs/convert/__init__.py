@@ -12,7 +12,8 @@
   :class:`RegistryClient`, :func:`docker_credentials`).
 * does not own: RAFS building (it drives :mod:`nydus_vfs.builder`
   in-process, as upstream drives ``nydus-image``), the command line
-  (:mod:`nydus_vfs.cli.nydusify`), mounting (nydusd).
+  (:mod:`nydus_vfs.cli.nydusify`), serving images (nydusd: it is run as a
+  child process by :class:`NydusdMount` for ``nydusify mount`` and ``check``).
 
 Errors: :class:`~nydus_vfs.errors.ConvertError`, naming the entry, layer or
 section at fault.
@@ -29,6 +30,11 @@ from ._image import convert_image as convert_image
 from ._image import copy_image as copy_image
 from ._image import fetch_nydus_bootstrap as fetch_nydus_bootstrap
 from ._image import host_platform as host_platform
+from ._mount import NydusdMount as NydusdMount
+from ._mount import fuse_mount_reason as fuse_mount_reason
+from ._mount import nydusd_command as nydusd_command
+from ._mount import nydusd_config as nydusd_config
+from ._mount import write_nydusd_config as write_nydusd_config
 from ._object_store import S3BlobStore as S3BlobStore
 from ._object_store import object_store_from_config as object_store_from_config
 from ._pack import PackResult as PackResult
@@ -102,6 +108,11 @@ __all__ = [
     "copy_image",
     "fetch_nydus_bootstrap",
     "host_platform",
+    "NydusdMount",
+    "fuse_mount_reason",
+    "nydusd_command",
+    "nydusd_config",
+    "write_nydusd_config",
     "S3BlobStore",
     "object_store_from_config",
 ]

@@ -50,6 +50,7 @@ from ..builder import unpack as _builder_unpack
 from ..errors import BuildError, ConvertError
 from ._distribution import (DOCKER_LIST, DOCKER_MANIFEST, INDEX_TYPES, MANIFEST_TYPES, OCI_INDEX, OCI_MANIFEST,
                             Reference, RegistryClient, _check_digest)
+from ._mount import NydusdMount, fuse_mount_reason, nydusd_command, nydusd_config, write_nydusd_config
 from ._pack import merge, pack
 from ._tree import FileTree, diff_trees
 from ._types import (BOOTSTRAP_FILE_NAME_IN_LAYER, LAYER_ANNOTATION_FS_VERSION, LAYER_ANNOTATION_NYDUS_BLOB,
@@ -469,6 +470,14 @@ class CheckOptions:
     work_dir: str = "./output"
     #: Where the data blobs are when the image was converted with ``--backend-type``.
     backend: Backend | None = None
+    #: How the Nydus image's files are read for the comparison with ``source``:
+    #: True mounts it with ``nydusd`` (from the registry; from downloaded blobs
+    #: for an external ``backend``), False unpacks it with the builder, None
+    #: mounts when a FUSE mount can be made here (root, /dev/fuse) and unpacks
+    #: otherwise.  The report line says which was used.
+    mount: bool | None = None
+    #: The nydusd command to mount with (split like a shell); default ours.
+    nydusd: str | None = None
 
 
 async def _pick_manifest(client: RegistryClient, ref: Reference, platform: str, *, nydus: bool | None
@@ -631,30 +640,55 @@ async def _compare_with_source(session, opts: CheckOptions, tc: RegistryClient, 
         with open(path, "rb") as f:
             src_tree.apply_layer(f, name=f"source layer {i} {d['digest']}")
         os.unlink(path)
-    blob_dir = os.path.join(work, "blobs")
-    os.makedirs(blob_dir, exist_ok=True)
-    for b in blob_ids:
-        dest = os.path.join(blob_dir, b.split(":")[1])
-        if opts.backend is not None:
-            fetch = getattr(opts.backend, "fetch", None)
-            if fetch is None:
-                raise ConvertError(f"cannot read blobs back from the {opts.backend.type()} backend")
-            await asyncio.get_running_loop().run_in_executor(None, fetch, b, dest)
-        else:
-            await tc.download_blob(target.repository, b, dest)
-    out = os.path.join(work, "nydus.tar")
     loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(None, lambda: _builder_unpack(boot_path, out, blob_dir=blob_dir))
-    except BuildError as exc:
-        raise ConvertError(f"{target}: cannot read the image's files: {exc}") from None
-    nydus_tree = FileTree()
-    with open(out, "rb") as f:
-        nydus_tree.apply_layer(f, name="nydus image", whiteouts=False)
+    reason = fuse_mount_reason()
+    if opts.mount and reason:
+        raise ConvertError(f"cannot mount {target} to compare its files: {reason} (check without mounting "
+                           "unpacks the image instead)")
+    mount = reason is None if opts.mount is None else opts.mount
+    blob_dir = None
+    if opts.backend is not None or not mount:
+        # nydusd reads a registry itself; other blobs are downloaded for it or the builder.
+        blob_dir = os.path.join(work, "blobs")
+        os.makedirs(blob_dir, exist_ok=True)
+        for b in blob_ids:
+            dest = os.path.join(blob_dir, b.split(":")[1])
+            if opts.backend is not None:
+                fetch = getattr(opts.backend, "fetch", None)
+                if fetch is None:
+                    raise ConvertError(f"cannot read blobs back from the {opts.backend.type()} backend")
+                await loop.run_in_executor(None, fetch, b, dest)
+            else:
+                await tc.download_blob(target.repository, b, dest)
+    if mount:
+        how = "mounted by nydusd"
+        config = write_nydusd_config(os.path.join(work, "nydusd.json"), nydusd_config(
+            target, plain_http=opts.plain_http, insecure=opts.target_insecure,
+            cache_dir=os.path.join(work, "cache"), blob_dir=blob_dir))
+        mnt = NydusdMount(nydusd_command(opts.nydusd), config, boot_path, os.path.join(work, "mnt"),
+                          log_path=os.path.join(work, "nydusd.log"))
+
+        def walk() -> FileTree:
+            with mnt:
+                tree = FileTree()
+                tree.add_directory(mnt.mountpoint)
+                return tree
+
+        nydus_tree = await loop.run_in_executor(None, walk)
+    else:
+        how = f"unpacked by nydus-image ({reason})" if reason else "unpacked by nydus-image"
+        out = os.path.join(work, "nydus.tar")
+        try:
+            await loop.run_in_executor(None, lambda: _builder_unpack(boot_path, out, blob_dir=blob_dir))
+        except BuildError as exc:
+            raise ConvertError(f"{target}: cannot read the image's files: {exc}") from None
+        nydus_tree = FileTree()
+        with open(out, "rb") as f:
+            nydus_tree.apply_layer(f, name="nydus image", whiteouts=False)
     diffs = diff_trees(src_tree, nydus_tree)
     if diffs:
-        raise ConvertError(f"{target} differs from source {source} ({sdigest}):\n  " + "\n  ".join(diffs))
-    return f"file trees: source {source} and {target} are equal ({len(src_tree.entries)} entries)"
+        raise ConvertError(f"{target} ({how}) differs from source {source} ({sdigest}):\n  " + "\n  ".join(diffs))
+    return f"file trees: source {source} and {target} ({how}) are equal ({len(src_tree.entries)} entries)"
 
 
 async def fetch_nydus_bootstrap(target: str, dest: str, *, plain_http: bool = False, insecure: bool = False,

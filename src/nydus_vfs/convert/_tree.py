@@ -1,9 +1,10 @@
 """A file tree described for comparison, built by applying OCI layer tars with the OCI whiteout rules.
 
 ``nydusify check --source`` compares the OCI image (its layers applied here)
-with the nydus image (its bootstrap unpacked by the builder): this model is
-written independently of the builder's overlay code on purpose, so the check
-is a second opinion, not the builder agreeing with itself.
+with the nydus image (mounted by nydusd and walked, :meth:`FileTree.add_directory`,
+or where no FUSE mount can be made, its bootstrap unpacked by the builder):
+this model is written independently of the builder's overlay code on
+purpose, so the check is a second opinion, not the builder agreeing with itself.
 
 Rules (OCI image spec, "Representing Changes"): in each layer, ``.wh..wh..opq``
 hides everything the *lower* layers had below its directory, ``.wh.NAME``
@@ -17,6 +18,8 @@ leading ``/``).
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import tarfile
 from typing import BinaryIO
 
@@ -92,6 +95,74 @@ class FileTree:
                 self._remove_subtree(path)
             self._ensure_parents(path)
             self.entries[path] = desc
+
+    def add_directory(self, root: str) -> None:
+        """Describe every entry below ``root`` (a mounted image) as a layer tar would.
+
+        Symlinks are not followed and mounts below ``root`` are not entered;
+        xattrs are read without following links and keyed as tar's PAX
+        ``SCHILY.xattr.*`` headers (decoded the way ``tarfile`` decodes them), so
+        the description compares equal to the tar of the same tree.  Raises
+        ``ConvertError`` naming the path that cannot be read.
+        """
+        try:
+            root_dev = os.lstat(root).st_dev
+        except OSError as exc:
+            raise ConvertError(f"{root}: cannot list the directory: {exc.strerror}") from None
+        stack = [("", root)]
+        while stack:
+            rel, path = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    children = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                raise ConvertError(f"/{rel}: cannot list the directory: {exc.strerror}") from None
+            for entry in children:
+                crel = f"{rel}/{entry.name}" if rel else entry.name
+                try:
+                    st = os.lstat(entry.path)
+                    desc = self._describe_path(entry.path, st)
+                except OSError as exc:
+                    raise ConvertError(f"/{crel}: cannot read it: {exc.strerror}") from None
+                self.entries[crel] = desc
+                if desc["type"] == "dir" and st.st_dev == root_dev:
+                    stack.append((crel, entry.path))
+
+    @staticmethod
+    def _describe_path(path: str, st: os.stat_result) -> dict:
+        desc: dict = {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid}
+        fmt = stat.S_IFMT(st.st_mode)
+        if fmt == stat.S_IFDIR:
+            desc["type"] = "dir"
+        elif fmt == stat.S_IFREG:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while piece := f.read(1 << 20):
+                    h.update(piece)
+            desc.update(type="file", size=st.st_size, sha256=h.hexdigest(), mtime=int(st.st_mtime))
+        elif fmt == stat.S_IFLNK:
+            desc.update(type="symlink", link=os.readlink(path))
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            desc.update(type="chr" if fmt == stat.S_IFCHR else "blk",
+                        dev=(os.major(st.st_rdev), os.minor(st.st_rdev)))
+        elif fmt == stat.S_IFIFO:
+            desc["type"] = "fifo"
+        else:
+            desc["type"] = f"other:{fmt:#o}"
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            names = []
+        xattrs = {}
+        for name in names:
+            try:
+                value = os.getxattr(path, name, follow_symlinks=False)
+            except OSError:
+                continue
+            xattrs["SCHILY.xattr." + name] = value.decode("utf-8", "surrogateescape")
+        if xattrs:
+            desc["xattrs"] = xattrs
+        return desc
 
     @staticmethod
     def _describe(tf: tarfile.TarFile, m: tarfile.TarInfo, layer: dict[str, dict]) -> dict:

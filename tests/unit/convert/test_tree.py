@@ -61,3 +61,51 @@ def test_diff_names_the_differences():
 def test_corrupt_layer_is_named():
     with pytest.raises(ConvertError, match="layer 0: cannot read the layer tar"):
         FileTree().apply_layer(io.BytesIO(gzip.compress(b"x" * 1000)[:50]), name="layer 0")
+
+
+def test_a_directory_is_described_as_its_tar_would_be(tmp_path):
+    import os
+    import tarfile
+
+    root = tmp_path / "root"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(b"data" * 1000)
+    os.chmod(root / "d" / "f", 0o640)
+    os.link(root / "d" / "f", root / "hard")
+    os.symlink("d/f", root / "link")
+    os.mkfifo(root / "fifo")
+    os.setxattr(root / "d" / "f", "user.k", b"v\xff")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(p for p in root.rglob("*")):
+            info = tf.gettarinfo(str(path), arcname=str(path.relative_to(root)))
+            if path.name == "f":
+                info.pax_headers["SCHILY.xattr.user.k"] = b"v\xff".decode("utf-8", "surrogateescape")
+            if info.isfile():
+                with open(path, "rb") as f:
+                    tf.addfile(info, f)
+            else:
+                tf.addfile(info)
+    from_tar = FileTree()
+    from_tar.apply_layer(io.BytesIO(buf.getvalue()))
+    walked = FileTree()
+    walked.add_directory(str(root))
+    assert diff_trees(from_tar, walked) == []
+    assert walked.entries["d/f"]["xattrs"] == {"SCHILY.xattr.user.k": "v\udcff"}
+    assert (walked.entries["link"]["type"], walked.entries["link"]["link"]) == ("symlink", "d/f")
+    assert walked.entries["hard"] == walked.entries["d/f"] and walked.entries["fifo"]["type"] == "fifo"
+    # A changed byte, mode or xattr shows.
+    (root / "d" / "f").write_bytes(b"data" * 999 + b"datb")
+    os.chmod(root / "d" / "e", 0o700)
+    again = FileTree()
+    again.add_directory(str(root))
+    diffs = diff_trees(from_tar, again)
+    assert any(d.startswith("/d/f: ") and "sha256" in d for d in diffs)
+    assert any(d.startswith("/d/e: mode") for d in diffs)
+
+
+def test_an_unreadable_directory_entry_is_named(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ConvertError, match="cannot list"):
+        FileTree().add_directory(str(root / "missing"))
