@@ -11,10 +11,10 @@ Credentials come from ``$DOCKER_CONFIG/config.json`` (default
 ``~/.docker/config.json``).  Progress goes to stdout: one line per event when
 stdout is not a terminal, a live per-layer block when it is.  Exit status 0
 on success, 1 on any error (the message names the layer, blob or registry
-answer).  ``--backend-type s3 --backend-config JSON`` puts the data blobs in
-an S3 bucket (nydusd's s3 backend config) and only the bootstrap layer in the
-registry.  Not here (yet): OSS pushes, ``--oci-ref``
-(zran), build caches, chunk dictionaries from registries, ``--reverse``.
+answer).  ``--backend-type s3|oss --backend-config JSON`` puts the data blobs in
+an S3 or OSS bucket (nydusd's s3/oss backend config) and only the bootstrap
+layer in the registry.  Not here (yet): ``--oci-ref`` (zran), build caches,
+chunk dictionaries from registries, ``--reverse``.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _backend_flags(p: argparse.ArgumentParser, prefix: str) -> None:
-    p.add_argument(f"--{prefix}backend-type", dest="backend_type", default=None, choices=("s3",),
+    p.add_argument(f"--{prefix}backend-type", dest="backend_type", default=None, choices=("s3", "oss"),
                    help="push/read the data blobs to/from this storage instead of the registry")
     p.add_argument(f"--{prefix}backend-config", dest="backend_config", default=None,
                    help="the backend's JSON config, as nydusd's backend.config")

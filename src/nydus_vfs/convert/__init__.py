@@ -35,6 +35,8 @@ from ._mount import fuse_mount_reason as fuse_mount_reason
 from ._mount import nydusd_command as nydusd_command
 from ._mount import nydusd_config as nydusd_config
 from ._mount import write_nydusd_config as write_nydusd_config
+from ._object_store import ObjectBlobStore as ObjectBlobStore
+from ._object_store import OssBlobStore as OssBlobStore
 from ._object_store import S3BlobStore as S3BlobStore
 from ._object_store import object_store_from_config as object_store_from_config
 from ._pack import PackResult as PackResult
@@ -113,6 +115,8 @@ __all__ = [
     "nydusd_command",
     "nydusd_config",
     "write_nydusd_config",
+    "ObjectBlobStore",
+    "OssBlobStore",
     "S3BlobStore",
     "object_store_from_config",
 ]
