@@ -577,6 +577,7 @@ def _run(args) -> int:
                         work.mkdir()
                         drop_caches()
                         before = link.bytes_sent
+                        before_requests = link.requests
                         try:
                             if mode == "oci":
                                 total, ready = start_oci(link, work, "lazy:base")
@@ -589,11 +590,12 @@ def _run(args) -> int:
                             results.append({"mode": mode, "mbit": mbit, "error": str(exc)})
                             break
                         fetched = link.bytes_sent - before
+                        requests = link.requests - before_requests
                         results.append({"mode": mode, "mbit": mbit, "round": i, "seconds": total,
-                                        "ready_seconds": ready, "bytes": fetched})
+                                        "ready_seconds": ready, "bytes": fetched, "requests": requests})
                         log(f"  {mode} @ {mbit:g} Mbit/s round {i + 1}: first output after {total:.2f} s "
                             f"({ {'oci': 'unpacked', 'nydus': 'mounted'}.get(mode, 'nydusd up') } at {ready:.2f} s), "
-                            f"{human_bytes(fetched)} fetched")
+                            f"{human_bytes(fetched)} fetched in {requests} requests")
                         shutil.rmtree(work, ignore_errors=True)
             finally:
                 link.stop()
@@ -609,20 +611,21 @@ def _run(args) -> int:
         per = {}
         for mode in ("oci", "nydus", "guest"):
             rs = [r for r in results if r["mode"] == mode and r["mbit"] == mbit and "seconds" in r]
-            per[mode] = (median([r["seconds"] for r in rs]), median([r["bytes"] for r in rs])) if rs else None
+            per[mode] = (median([r["seconds"] for r in rs]), median([r["bytes"] for r in rs]),
+                         median([r["requests"] for r in rs])) if rs else None
         for mode, label in (("oci", "(a) OCI: pull + unpack + chroot"), ("nydus", "(b) Nydus: nydusd fuse + chroot"),
                             ("guest", "(c) Nydus: nydusd virtiofs + guest")):
             if per[mode] is None:
                 ran = mode in args.modes.split(",") and not (mode == "guest" and args.no_guest)
                 why = "unavailable" if ran else "not run"
-                rows.append([label, f"{mbit:g} Mbit/s", why, "", "", ""])
+                rows.append([label, f"{mbit:g} Mbit/s", why, "", "", "", ""])
                 continue
-            secs, fetched = per[mode]
+            secs, fetched, requests = per[mode]
             speedup = (f"{per['oci'][0] / secs:.1f}x" if mode != "oci" and per["oci"] else "")
-            rows.append([label, f"{mbit:g} Mbit/s", f"{secs:.2f} s", human_bytes(fetched),
+            rows.append([label, f"{mbit:g} Mbit/s", f"{secs:.2f} s", human_bytes(fetched), f"{requests:g}",
                          f"{100 * fetched / image_bytes:.1f} %", speedup])
     print()
-    print(render_table(["mode", "link", "first output", "fetched", "of image", "(a)/this"], rows,
+    print(render_table(["mode", "link", "first output", "fetched", "requests", "of image", "(a)/this"], rows,
                        markdown=args.markdown))
     if args.json:
         Path(args.json).write_text(json.dumps({"image": meta, "rtt_ms": args.rtt_ms, "results": results}, indent=2))
