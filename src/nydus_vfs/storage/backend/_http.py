@@ -49,9 +49,10 @@ import aiohttp
 
 from ...config import ProxyConfig
 from ...errors import BackendError, BackendTimeoutError, ConfigError
-from .base import backend_error_from_http_status
+from .base import BlobBackend, RetryPolicy, backend_error_from_http_status
 
 __all__ = [
+    "HttpClientBackend",
     "HttpClient",
     "HttpSettings",
     "TlsError",
@@ -427,3 +428,33 @@ async def read_small_body(resp: aiohttp.ClientResponse, what: str, limit: int = 
     if len(data) > limit:
         raise BackendError(f"{what}: response body larger than {limit} bytes", retryable=False)
     return bytes(data)
+
+
+class HttpClientBackend(BlobBackend):
+    """A backend whose blobs are reached over HTTP(S) through one :class:`HttpClient`.
+
+    Owns ``cfg`` (a backend config with the connection keys), the client built
+    from it, the retry policy from ``retry_limit`` (unless given), the proxy
+    hot reload and the client's closing.  Reads suspend on the network, so
+    they always need a task (``needs_task``).
+    """
+
+    needs_task = True
+
+    def __init__(self, cfg: Any, *, client_name: str, retry: RetryPolicy | None = None,
+                 unix_socket: str | None = None) -> None:
+        super().__init__(retry=retry if retry is not None else RetryPolicy(retry_limit=cfg.retry_limit))
+        self.cfg = cfg
+        self._client = HttpClient(HttpSettings.from_config(cfg), name=client_name, unix_socket=unix_socket)
+
+    def set_proxy_url(self, url: str) -> None:
+        """Send requests through proxy ``url`` from now on ("" = direct)."""
+        self._client.set_proxy_url(url)
+
+    def close(self) -> None:
+        self._client.close()
+        super().close()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+        super().close()

@@ -12,22 +12,17 @@ import abc
 from collections.abc import Hashable
 
 from ...errors import BackendError
-from ._http import HttpClient, HttpSettings, read_range, redact_url
-from .base import BlobBackend, RetryPolicy, backend_error_from_http_status
+from ._http import HttpClientBackend, read_range, redact_url
+from .base import RetryPolicy, backend_error_from_http_status
 
 __all__ = ["HttpBlobBackend"]
 
 
-class HttpBlobBackend(BlobBackend):
+class HttpBlobBackend(HttpClientBackend):
     """Blobs at ``self._url(blob_id)``, requests signed by ``self._sign``."""
 
-    needs_task = True
-
     def __init__(self, cfg, *, retry: RetryPolicy | None = None, unix_socket: str | None = None) -> None:
-        super().__init__(retry=retry if retry is not None else RetryPolicy(retry_limit=cfg.retry_limit))
-        self.cfg = cfg
-        self._client = HttpClient(HttpSettings.from_config(cfg), name=f"{self.type_name} backend",
-                                  unix_socket=unix_socket)
+        super().__init__(cfg, client_name=f"{self.type_name} backend", retry=retry, unix_socket=unix_socket)
 
     @property
     def identity(self) -> Hashable:
@@ -45,18 +40,6 @@ class HttpBlobBackend(BlobBackend):
     def _sign(self, method: str, blob_id: str, url: str, headers: dict[str, str]) -> dict[str, str]:
         """Headers to send (``headers`` plus any signature); default: unsigned."""
         return headers
-
-    def set_proxy_url(self, url: str) -> None:
-        """Send requests through proxy ``url`` from now on ("" = direct)."""
-        self._client.set_proxy_url(url)
-
-    def close(self) -> None:
-        self._client.close()
-        super().close()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-        super().close()
 
     async def _read(self, blob_id: str, offset: int, size: int) -> bytes:
         if size == 0:

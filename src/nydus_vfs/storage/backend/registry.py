@@ -42,9 +42,9 @@ import aiohttp
 
 from ...config import RegistryConfig
 from ...errors import BackendError, ConfigError
-from ._http import HttpClient, HttpSettings, TlsError, read_range, read_small_body, redact_url
+from ._http import HttpClientBackend, TlsError, read_range, read_small_body, redact_url
 from ._registry_auth import RegistryAuth
-from .base import BlobBackend, RetryPolicy, backend_error_from_http_status
+from .base import RetryPolicy, backend_error_from_http_status
 
 __all__ = ["RegistryBackend", "REDIRECT_TTL", "MAX_REDIRECTS"]
 
@@ -58,7 +58,7 @@ MAX_REDIRECTS = 5
 Consume = Callable[[aiohttp.ClientResponse, str], Awaitable[T]]
 
 
-class RegistryBackend(BlobBackend):
+class RegistryBackend(HttpClientBackend):
     """Blobs from ``cfg.host``'s repository ``cfg.repo``; see the module docstring.
 
     ``ConfigError`` for an invalid ``auth``/``IMAGE_PULL_AUTH`` or an unreadable
@@ -66,17 +66,15 @@ class RegistryBackend(BlobBackend):
     """
 
     type_name = "registry"
-    needs_task = True
 
     def __init__(self, cfg: RegistryConfig, *, backend_id: str = "/", retry: RetryPolicy | None = None,
                  env: Mapping[str, str] | None = None) -> None:
-        super().__init__(retry=retry if retry is not None else RetryPolicy(retry_limit=cfg.retry_limit))
+        super().__init__(cfg, client_name=f"registry {cfg.host}", retry=retry)
         env = os.environ if env is None else env
         auth = cfg.auth
         if env.get("IMAGE_PULL_AUTH", "").strip():
             auth = env["IMAGE_PULL_AUTH"].strip()
         self.backend_id = backend_id
-        self.cfg = cfg
         self.scheme = "http" if cfg.scheme == "http" else "https"
         self.host = cfg.host
         self.repo = cfg.repo.strip("/")
@@ -85,7 +83,6 @@ class RegistryBackend(BlobBackend):
                                       scope=f"repository:{self.repo}:pull")
         except ValueError as exc:
             raise ConfigError(f"registry backend: {exc}") from None
-        self._client = HttpClient(HttpSettings.from_config(cfg), name=f"registry {cfg.host}")
         self._redirects: dict[str, tuple[str, float]] = {}
 
     @property
@@ -102,18 +99,6 @@ class RegistryBackend(BlobBackend):
         except ValueError as exc:
             raise ConfigError(f"registry_auth: {exc}") from None
         log.info("registry %s: credentials replaced for backend %s", self.host, self.backend_id)
-
-    def set_proxy_url(self, url: str) -> None:
-        """Send requests through proxy ``url`` from now on ("" = direct)."""
-        self._client.set_proxy_url(url)
-
-    def close(self) -> None:
-        self._client.close()
-        super().close()
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-        super().close()
 
     # -- helpers ---------------------------------------------------------------------------
     def _blob_url(self, blob_id: str) -> str:
