@@ -22,7 +22,11 @@
  * * Rings.  Each descriptor is copied once into local memory before it is
  *   looked at; indirect tables are copied out whole; the readable bytes are
  *   copied into private memory (so the caller validates a copy the guest can
- *   no longer change).  Writable buffers stay in guest memory as iovecs.
+ *   no longer change), up to max_copy_bytes of them: the rest of a long
+ *   request (WRITE data) stays in guest memory and is read or pwritev()-ed
+ *   from there on demand, as QEMU's virtiofsd does.  Both the readable and the
+ *   writable buffers are kept as iovecs into guest memory; the request's
+ *   reference on the memory table keeps them mapped until it is pushed.
  *   Ring-structure violations mark the queue broken; nothing the guest
  *   writes can make the shim read or write outside the mapped regions, loop
  *   forever or allocate without bound (per-request caps plus a device-wide
@@ -114,6 +118,7 @@ enum {
 
 #define INLINE_IN 256u
 #define INLINE_IOV 40u
+#define INLINE_RIOV 8u
 
 /* ---------------------------------------------------------------------- */
 /* Types                                                                   */
@@ -141,15 +146,18 @@ struct desc {
 
 struct slot {
     struct memtab *tab; /* non-NULL while in flight */
-    char *in;
+    char *in;           /* private copy of the first in_len readable bytes */
     uint32_t in_cap, in_len;
     uint64_t in_total;
-    struct iovec *iov;
+    struct iovec *riov; /* where the readable bytes are in guest memory (up to max_in_bytes) */
+    uint32_t riov_cap, nriov;
+    struct iovec *iov;  /* the writable buffers */
     uint32_t iov_cap, niov;
     uint32_t out_cap;
     uint16_t flags;
     size_t charged; /* heap bytes counted in dev->mem_used */
     char in_inline[INLINE_IN];
+    struct iovec riov_inline[INLINE_RIOV];
     struct iovec iov_inline[INLINE_IOV];
 };
 
@@ -174,6 +182,7 @@ struct queue {
 struct vhs_dev {
     int sock;
     struct vhs_config cfg;
+    uint32_t copy_cap; /* min(max_copy_bytes, max_in_bytes) */
     uint64_t features, protocol_features;
     struct memtab *tab;
     struct queue q[VHS_MAX_QUEUES];
@@ -539,13 +548,18 @@ static void slot_reset(vhs_dev *d, struct slot *s)
         free(s->in);
     if (s->iov != s->iov_inline)
         free(s->iov);
+    if (s->riov != s->riov_inline)
+        free(s->riov);
     s->in = s->in_inline;
     s->in_cap = INLINE_IN;
     s->iov = s->iov_inline;
     s->iov_cap = INLINE_IOV;
+    s->riov = s->riov_inline;
+    s->riov_cap = INLINE_RIOV;
     s->in_len = 0;
     s->in_total = 0;
     s->niov = 0;
+    s->nriov = 0;
     s->out_cap = 0;
     s->flags = 0;
     d->mem_used -= s->charged;
@@ -595,6 +609,8 @@ static int queue_alloc(vhs_dev *d, struct queue *q, uint32_t num)
         q->slots[i].in_cap = INLINE_IN;
         q->slots[i].iov = q->slots[i].iov_inline;
         q->slots[i].iov_cap = INLINE_IOV;
+        q->slots[i].riov = q->slots[i].riov_inline;
+        q->slots[i].riov_cap = INLINE_RIOV;
     }
     q->num = num;
     return 0;
@@ -644,8 +660,8 @@ static int grow_in(vhs_dev *d, struct queue *q, struct slot *s, uint32_t need)
     uint64_t cap = (uint64_t)s->in_cap * 2;
     if (cap < need)
         cap = need;
-    if (cap > d->cfg.max_in_bytes)
-        cap = d->cfg.max_in_bytes;
+    if (cap > d->copy_cap)
+        cap = d->copy_cap;
     size_t add = (size_t)cap - (s->in == s->in_inline ? 0 : s->in_cap);
     if (charge(d, s, add) != 0)
         return WALK_THROTTLE;
@@ -661,23 +677,26 @@ static int grow_in(vhs_dev *d, struct queue *q, struct slot *s, uint32_t need)
     return WALK_OK;
 }
 
-static int grow_iov(vhs_dev *d, struct queue *q, struct slot *s)
+/* Double an iovec array of the slot (the readable or the writable one),
+ * moving it off its inline storage the first time. */
+static int grow_vec(vhs_dev *d, struct queue *q, struct slot *s, struct iovec **vec, uint32_t *cap,
+                    uint32_t n, struct iovec *inline_vec, const char *what)
 {
-    uint64_t cap = (uint64_t)s->iov_cap * 2;
-    size_t add = (size_t)cap * sizeof(struct iovec) -
-                 (s->iov == s->iov_inline ? 0 : (size_t)s->iov_cap * sizeof(struct iovec));
+    uint64_t ncap = (uint64_t)*cap * 2;
+    size_t add = (size_t)ncap * sizeof(struct iovec) -
+                 (*vec == inline_vec ? 0 : (size_t)*cap * sizeof(struct iovec));
     if (charge(d, s, add) != 0)
         return WALK_THROTTLE;
-    struct iovec *p = s->iov == s->iov_inline ? malloc((size_t)cap * sizeof *p)
-                                              : realloc(s->iov, (size_t)cap * sizeof *p);
+    struct iovec *p = *vec == inline_vec ? malloc((size_t)ncap * sizeof *p)
+                                         : realloc(*vec, (size_t)ncap * sizeof *p);
     if (!p) {
-        queue_set_broken(d, q, "out of memory mapping a writable buffer");
+        queue_set_broken(d, q, "out of memory mapping a %s buffer", what);
         return WALK_BROKEN;
     }
-    if (s->iov == s->iov_inline)
-        memcpy(p, s->iov_inline, s->niov * sizeof *p);
-    s->iov = p;
-    s->iov_cap = (uint32_t)cap;
+    if (*vec == inline_vec)
+        memcpy(p, inline_vec, n * sizeof *p);
+    *vec = p;
+    *cap = (uint32_t)ncap;
     return WALK_OK;
 }
 
@@ -686,18 +705,39 @@ static bool range_wraps(uint64_t addr, uint32_t len)
     return len > 0 && addr > UINT64_MAX - (len - 1);
 }
 
-/* One guest page run of a readable descriptor: copied into the request while
- * under max_in_bytes; past the cap only counted (the range is still validated). */
+/* One guest page run of a readable descriptor.  While under max_in_bytes it
+ * is remembered as an iovec (merged with the previous one when the two touch)
+ * and, while under the copy cap, copied into the request; past max_in_bytes
+ * it is only counted (the range is still validated). */
 static int add_in_piece(vhs_dev *d, struct queue *q, struct slot *s, const uint8_t *host, uint64_t piece)
 {
     if (s->in_total < d->cfg.max_in_bytes) {
         uint64_t room = d->cfg.max_in_bytes - s->in_total;
         uint32_t take = (uint32_t)(piece < room ? piece : room);
-        int rc = grow_in(d, q, s, s->in_len + take);
-        if (rc != WALK_OK)
-            return rc;
-        memcpy(s->in + s->in_len, host, take);
-        s->in_len += take;
+        struct iovec *last = s->nriov ? &s->riov[s->nriov - 1] : NULL;
+        if (last && (const uint8_t *)last->iov_base + last->iov_len == host) {
+            last->iov_len += take;
+        } else {
+            if (s->nriov == s->riov_cap) {
+                int rc = grow_vec(d, q, s, &s->riov, &s->riov_cap, s->nriov, s->riov_inline, "readable");
+                if (rc != WALK_OK)
+                    return rc;
+            }
+            s->riov[s->nriov].iov_base = (void *)host;
+            s->riov[s->nriov].iov_len = take;
+            s->nriov++;
+        }
+        /* in_len == in_total until the copy cap is reached. */
+        if (s->in_len < d->copy_cap) {
+            uint32_t copy = d->copy_cap - s->in_len;
+            if (copy > take)
+                copy = take;
+            int rc = grow_in(d, q, s, s->in_len + copy);
+            if (rc != WALK_OK)
+                return rc;
+            memcpy(s->in + s->in_len, host, copy);
+            s->in_len += copy;
+        }
     }
     s->in_total += piece;
     return WALK_OK;
@@ -711,7 +751,7 @@ static int add_out_piece(vhs_dev *d, struct queue *q, struct slot *s, uint8_t *h
         uint64_t room = d->cfg.max_out_bytes - s->out_cap;
         uint32_t take = (uint32_t)(piece < room ? piece : room);
         if (s->niov == s->iov_cap) {
-            int rc = grow_iov(d, q, s);
+            int rc = grow_vec(d, q, s, &s->iov, &s->iov_cap, s->niov, s->iov_inline, "writable");
             if (rc != WALK_OK)
                 return rc;
         }
@@ -949,6 +989,8 @@ int vhs_queue_pop(vhs_dev *d, uint32_t qi, struct vhs_req *reqs, int max, int *s
             s->flags |= VHS_REQ_OVERSIZE;
             if (s->in_len > VHS_OVERSIZE_PREFIX)
                 s->in_len = VHS_OVERSIZE_PREFIX;
+        } else if (s->in_total > s->in_len) {
+            s->flags |= VHS_REQ_PARTIAL;
         }
         s->tab = memtab_ref(d->tab);
         bit_set(q->inflight_bits, head);
@@ -991,17 +1033,100 @@ static struct slot *inflight_slot(vhs_dev *d, uint32_t qi, uint16_t head, struct
     return &q->slots[head];
 }
 
-/* Walk the writable iovecs to byte offset off: index and offset within it. */
-static bool iov_seek(const struct slot *s, uint32_t off, uint32_t *idx, size_t *within)
+/* Walk an iovec array to byte offset off: index and offset within it. */
+static bool vec_seek(const struct iovec *v, uint32_t n, uint32_t off, uint32_t *idx, size_t *within)
 {
     uint32_t i = 0;
-    while (i < s->niov && off >= s->iov[i].iov_len) {
-        off -= (uint32_t)s->iov[i].iov_len;
+    while (i < n && off >= v[i].iov_len) {
+        off -= (uint32_t)v[i].iov_len;
         i++;
     }
     *idx = i;
     *within = off;
-    return i < s->niov || off == 0;
+    return i < n || off == 0;
+}
+
+static bool iov_seek(const struct slot *s, uint32_t off, uint32_t *idx, size_t *within)
+{
+    return vec_seek(s->iov, s->niov, off, idx, within);
+}
+
+/* The in-flight slot whose readable bytes [off, off+len) are in guest memory. */
+static struct slot *readable_range(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, uint32_t len,
+                                   const char *what)
+{
+    struct queue *q;
+    struct slot *s = inflight_slot(d, qi, head, &q);
+    if (!s)
+        return NULL;
+    if (s->flags & VHS_REQ_OVERSIZE) {
+        fail(d, EINVAL, "queue %u head %u: %s of an oversize request", qi, head, what);
+        return NULL;
+    }
+    /* 64-bit sum: off + len cannot wrap. */
+    if ((uint64_t)off + len > s->in_total) {
+        fail(d, EINVAL, "queue %u head %u: %s of %u bytes at %u exceeds %" PRIu64 " readable", qi,
+             head, what, len, off, s->in_total);
+        return NULL;
+    }
+    return s;
+}
+
+int vhs_req_read_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, char *buf, uint32_t len)
+{
+    struct slot *s = readable_range(d, qi, head, off, len, "read");
+    if (!s)
+        return -EINVAL;
+    uint32_t i;
+    size_t within;
+    vec_seek(s->riov, s->nriov, off, &i, &within);
+    while (len > 0) {
+        size_t room = s->riov[i].iov_len - within;
+        size_t take = len < room ? len : room;
+        memcpy(buf, (const char *)s->riov[i].iov_base + within, take);
+        buf += take;
+        len -= (uint32_t)take;
+        within = 0;
+        i++;
+    }
+    return 0;
+}
+
+int64_t vhs_req_pwrite_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, int fd,
+                          int64_t file_off, uint32_t len)
+{
+    struct slot *s = readable_range(d, qi, head, off, len, "pwrite");
+    if (!s)
+        return -EINVAL;
+    if (file_off < 0 || (uint64_t)file_off > (uint64_t)INT64_MAX - len)
+        return fail(d, EINVAL, "file offset %" PRId64 " is invalid", file_off);
+    /* One system call, as a write(2) would be: past IOV_MAX pieces (only a
+     * guest that splits its data into tiny descriptors gets there) the write
+     * is short and the caller's short-write handling applies. */
+    struct iovec v[IOV_MAX];
+    int cnt = 0;
+    uint32_t i;
+    size_t within;
+    vec_seek(s->riov, s->nriov, off, &i, &within);
+    uint32_t want = len;
+    while (cnt < IOV_MAX && want > 0 && i < s->nriov) {
+        size_t room = s->riov[i].iov_len - within;
+        size_t take = want < room ? want : room;
+        v[cnt].iov_base = (char *)s->riov[i].iov_base + within;
+        v[cnt].iov_len = take;
+        cnt++;
+        want -= (uint32_t)take;
+        within = 0;
+        i++;
+    }
+    ssize_t r;
+    do {
+        r = pwritev(fd, v, cnt, (off_t)file_off);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0)
+        return fail(d, errno, "pwritev(fd %d, %u bytes at %" PRId64 "): %s", fd, len, file_off,
+                    strerror(errno));
+    return r;
 }
 
 int vhs_req_write(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, const char *buf,
@@ -1859,6 +1984,7 @@ void vhs_default_config(struct vhs_config *cfg)
     cfg->max_queue_size = 1024;
     cfg->max_mem_slots = 32;
     cfg->max_in_bytes = (1u << 20) + (64u << 10);
+    cfg->max_copy_bytes = cfg->max_in_bytes;
     cfg->max_out_bytes = (1u << 20) + (64u << 10);
     cfg->max_inflight_bytes = 64ull << 20;
 }
@@ -1871,13 +1997,14 @@ vhs_dev *vhs_dev_new(int sock_fd, const struct vhs_config *cfg)
         cfg->max_mem_slots > VHS_MAX_MEM_SLOTS || (cfg->features & ~SUPPORTED_FEATURES) ||
         !(cfg->features & BIT(VHS_F_VERSION_1)) ||
         (cfg->protocol_features & ~SUPPORTED_PROTOCOL_FEATURES) || cfg->max_in_bytes < 4096 ||
-        cfg->max_out_bytes < 4096)
+        cfg->max_out_bytes < 4096 || cfg->max_copy_bytes < VHS_OVERSIZE_PREFIX)
         return NULL;
     vhs_dev *d = calloc(1, sizeof *d);
     if (!d)
         return NULL;
     d->sock = sock_fd;
     d->cfg = *cfg;
+    d->copy_cap = cfg->max_copy_bytes < cfg->max_in_bytes ? cfg->max_copy_bytes : cfg->max_in_bytes;
     d->deferred_q = -1;
     for (int i = 0; i < VU_MAX_FDS; i++)
         d->fds[i] = -1;

@@ -7,9 +7,11 @@
  * descriptor chains, pushing used entries, EVENT_IDX notification).
  *
  * What it does not own: FUSE.  Requests leave this layer as a private copy of
- * the device-readable bytes plus a writable capacity; replies come back as
- * bytes or as (fd, offset, length) ranges that are preadv()-ed straight into
- * the guest's writable buffers.
+ * the device-readable bytes (for a long request only its first max_copy_bytes:
+ * the rest, WRITE data, is read or pwritev()-ed from guest memory on demand)
+ * plus a writable capacity; replies come back as bytes or as (fd, offset,
+ * length) ranges that are preadv()-ed straight into the guest's writable
+ * buffers.
  *
  * Execution model: single-threaded and non-blocking.  Every entry point is
  * called from the thread that owns the device (the asyncio loop); the shim
@@ -18,6 +20,7 @@
  *
  *     socket readable  -> vhs_dev_dispatch()
  *     kick readable    -> vhs_queue_drain_kick(); vhs_queue_pop() until empty
+ *     PARTIAL request  -> vhs_req_read_in() / vhs_req_pwrite_in() (before the push)
  *     reply ready      -> vhs_req_complete() or vhs_req_write()/vhs_req_pread()
  *                         + vhs_req_push()
  *     end of a batch   -> vhs_queue_notify()   (one call per batch)
@@ -40,7 +43,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a declaration below changes meaning. */
-#define VHS_ABI_VERSION 2
+#define VHS_ABI_VERSION 3
 
 /* Hard limits (the run-time configuration may only lower them). */
 #define VHS_MAX_QUEUES 64
@@ -70,9 +73,12 @@
 #define VHS_POP_THROTTLED 0x4 /* stopped because the in-flight memory budget is used up;
                                  pop again after completions */
 
-/* Bits of vhs_req.flags. */
+/* Bits of vhs_req.flags (at most one is set; OVERSIZE wins). */
 #define VHS_REQ_OVERSIZE 0x1 /* the readable part exceeded max_in_bytes: only its
                                 first VHS_OVERSIZE_PREFIX bytes were copied */
+#define VHS_REQ_PARTIAL 0x2  /* the readable part exceeded max_copy_bytes: only its
+                                first max_copy_bytes were copied; the rest is
+                                available through vhs_req_read_in/pwrite_in */
 #define VHS_OVERSIZE_PREFIX 64
 
 struct vhs_config {
@@ -83,15 +89,17 @@ struct vhs_config {
     uint32_t max_queue_size;    /* largest SET_VRING_NUM accepted (power of two) */
     uint32_t max_mem_slots;     /* answer to GET_MAX_MEM_SLOTS and region limit */
     uint32_t max_in_bytes;      /* cap on one request's readable part */
+    uint32_t max_copy_bytes;    /* readable bytes copied at pop (>= VHS_OVERSIZE_PREFIX; above
+                                   max_in_bytes means max_in_bytes, the default) */
     uint32_t max_out_bytes;     /* cap on one request's writable part (clamped, not failed) */
     uint64_t max_inflight_bytes; /* heap held by all in-flight requests (copies, iovecs) */
 };
 
 /* One popped request.  'data' stays valid until the request is pushed. */
 struct vhs_req {
-    const char *data;  /* private copy of the device-readable bytes */
+    const char *data;  /* private copy of the device-readable bytes (a prefix if flagged) */
     uint32_t in_len;   /* bytes at 'data' */
-    uint32_t in_total; /* readable bytes the chain described (> in_len if OVERSIZE) */
+    uint32_t in_total; /* readable bytes the chain described (> in_len if OVERSIZE or PARTIAL) */
     uint32_t out_cap;  /* device-writable bytes available for the reply */
     uint16_t head;     /* descriptor head: the request's id within its queue */
     uint16_t flags;    /* VHS_REQ_* */
@@ -146,6 +154,28 @@ int vhs_queue_drain_kick(vhs_dev *dev, uint32_t q);
 int vhs_queue_pop(vhs_dev *dev, uint32_t q, struct vhs_req *reqs, int max, int *status);
 /* 1 if the call eventfd was signalled, 0 if not needed. */
 int vhs_queue_notify(vhs_dev *dev, uint32_t q);
+
+/* The readable part in guest memory.  Every in-flight request that is not
+ * OVERSIZE has its readable bytes [0, in_total) available here, PARTIAL or
+ * not; the request's reference on the memory table keeps them mapped until it
+ * is pushed, whatever the front-end does to the table meanwhile.  These read
+ * guest memory as it is *now*: the guest may change it at any time, also in
+ * the middle of the call, but that can only change its own data (what gets
+ * written to the file), never what the shim or the caller reads or writes.
+ * Whatever the caller validates (FUSE headers, names, sizes) must therefore
+ * come from the private copy at 'data', never from these calls.
+ * Both return -EINVAL, touching nothing, when head is not in flight, the
+ * request is OVERSIZE, or [off, off+len) is not inside [0, in_total) (off+len
+ * is computed without overflow). */
+
+/* Copy readable bytes [off, off+len) into buf; 0 on success. */
+int vhs_req_read_in(vhs_dev *dev, uint32_t q, uint16_t head, uint32_t off, char *buf, uint32_t len);
+/* One pwritev() of readable bytes [off, off+len) to fd at file_off, straight
+ * from guest memory; returns the bytes written (short as a write(2) may be,
+ * also when the range spans more than IOV_MAX guest buffers) or -errno
+ * (-EINVAL also for a negative file_off, or pwritev's own EINVAL). */
+int64_t vhs_req_pwrite_in(vhs_dev *dev, uint32_t q, uint16_t head, uint32_t off, int fd,
+                          int64_t file_off, uint32_t len);
 
 /* Copy len bytes into the request's writable part at byte offset off. */
 int vhs_req_write(vhs_dev *dev, uint32_t q, uint16_t head, uint32_t off,

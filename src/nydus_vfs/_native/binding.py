@@ -14,7 +14,7 @@ are turned into exceptions in one place, :func:`_check`:
 =================  =============================================================
 ``-ECONNRESET``    :class:`FrontendDisconnected` (the front-end hung up)
 ``-EPROTO``        :class:`FrontendProtocolError` (drop the connection)
-``-EINVAL``        :class:`ShimUsageError` (our bug: bad queue index / head)
+``-EINVAL``        :class:`ShimUsageError` (our bug: bad queue index / head / range)
 ``-EMSGSIZE``      :class:`ReplyTooLargeError` (a reply exceeded the writable part)
 anything else      :class:`ShimOSError` (``errno`` set, e.g. a failed ``preadv``)
 =================  =============================================================
@@ -52,6 +52,7 @@ __all__ = [
     "POP_BROKEN",
     "POP_THROTTLED",
     "REQ_OVERSIZE",
+    "REQ_PARTIAL",
     "F_INDIRECT_DESC",
     "F_EVENT_IDX",
     "F_PROTOCOL_FEATURES",
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 #: The C ABI this binding was written against (``VHS_ABI_VERSION``).
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Mirrors of the C constants, so callers need not touch ``lib``.  Checked
 # against the compiled values at import.
@@ -74,6 +75,7 @@ POP_MORE = 0x1
 POP_BROKEN = 0x2
 POP_THROTTLED = 0x4
 REQ_OVERSIZE = 0x1
+REQ_PARTIAL = 0x2
 F_INDIRECT_DESC = 28
 F_EVENT_IDX = 29
 F_PROTOCOL_FEATURES = 30
@@ -130,13 +132,16 @@ def _load() -> tuple[Any, Any, str | None]:
     for name, value in (("VHS_EV_QUEUES", EV_QUEUES), ("VHS_EV_DEFERRED", EV_DEFERRED),
                         ("VHS_EV_LOG", EV_LOG), ("VHS_EV_MEMTABLE", EV_MEMTABLE),
                         ("VHS_POP_MORE", POP_MORE), ("VHS_POP_BROKEN", POP_BROKEN),
-                        ("VHS_POP_THROTTLED", POP_THROTTLED), ("VHS_REQ_OVERSIZE", REQ_OVERSIZE)):
+                        ("VHS_POP_THROTTLED", POP_THROTTLED), ("VHS_REQ_OVERSIZE", REQ_OVERSIZE),
+                        ("VHS_REQ_PARTIAL", REQ_PARTIAL)):
         if getattr(lib, name) != value:
             return None, None, f"the native vhost-user shim disagrees on {name}; {_BUILD_HINT}"
     return ffi, lib, None
 
 
 ffi, lib, _UNAVAILABLE = _load()
+# read_in fills every byte it hands out: no need to zero the buffer first.
+_new_raw = ffi.new_allocator(should_clear_after_alloc=False) if ffi is not None else None
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -214,7 +219,12 @@ class ShimConfig:
     protocol features MQ | REPLY_ACK | CONFIGURE_MEM_SLOTS; GET_QUEUE_NUM 2 (hiprio
     + one request queue, what Linux uses); ring indices up to 16 request queues
     accepted; queue size <= 1024; 32 memory slots; 1 MiB + 64 KiB per request in
-    each direction; 64 MiB held by in-flight request copies.
+    each direction, all of the readable part copied at pop (``max_copy_bytes``
+    = ``max_in_bytes``); 64 MiB held by in-flight request copies.
+
+    ``max_copy_bytes`` (at least 64): a request whose readable part is longer
+    is popped with ``REQ_PARTIAL``, only that many bytes copied, and the rest
+    left in guest memory for :meth:`Device.read_in` / :meth:`Device.pwrite_in`.
     """
 
     features: int | None = None
@@ -224,6 +234,7 @@ class ShimConfig:
     max_queue_size: int | None = None
     max_mem_slots: int | None = None
     max_in_bytes: int | None = None
+    max_copy_bytes: int | None = None
     max_out_bytes: int | None = None
     max_inflight_bytes: int | None = None
 
@@ -273,7 +284,8 @@ class Device:
         if ptr == ffi.NULL:
             raise ValueError(f"the vhost-user shim refused the configuration {config!r} "
                              "(limits: queues <= 64, queue size a power of two <= 32768, "
-                             "memory slots <= 64, VERSION_1 offered, only supported feature bits)")
+                             "memory slots <= 64, VERSION_1 offered, only supported feature bits, "
+                             "max_in_bytes and max_out_bytes >= 4096, max_copy_bytes >= 64)")
         self._dev = ffi.gc(ptr, lib.vhs_dev_free)
         self.batch = batch
         self._reqs = ffi.new("struct vhs_req[]", batch)
@@ -338,8 +350,10 @@ class Device:
         Returns ``(requests, status)``: each request is ``(head, data, out_cap,
         flags, in_total)`` where ``data`` is the private copy of the readable
         part (``bytes`` up to 16 KiB; above that a cffi buffer over the
-        shim's copy, valid until the request is pushed: a WRITE's data reaches
-        ``pwrite`` without a copy in Python), and ``status`` holds ``POP_*`` bits.
+        shim's copy, valid until the request is pushed), and ``status`` holds
+        ``POP_*`` bits.  With ``REQ_PARTIAL`` in ``flags``, ``data`` is only the
+        first ``max_copy_bytes`` of ``in_total`` readable bytes: the rest is
+        reached with :meth:`read_in` / :meth:`pwrite_in` until the push.
         """
         n_max = self.batch if max_requests is None else min(max_requests, self.batch)
         reqs = self._reqs
@@ -400,6 +414,30 @@ class Device:
             header = ffi.from_buffer(header)
         rc = lib.vhs_req_complete_file(self._dev, q, head, header, len(header), fd, file_offset, length)
         return _check(rc, self._dev)
+
+    def read_in(self, q: int, head: int, offset: int, length: int) -> bytes:
+        """Readable bytes ``[offset, offset + length)`` of an in-flight request, copied from guest memory.
+
+        The guest may be changing them (see ``vhs_req_read_in``): validate the
+        copy returned, never guest memory.  A range outside ``in_total``, an
+        OVERSIZE request or a head not in flight raise :class:`ShimUsageError`.
+        """
+        if length == 0:
+            _check(lib.vhs_req_read_in(self._dev, q, head, offset, ffi.NULL, 0), self._dev)
+            return b""
+        buf = _new_raw("char[]", length)
+        _check(lib.vhs_req_read_in(self._dev, q, head, offset, buf, length), self._dev)
+        return ffi.unpack(buf, length)
+
+    def pwrite_in(self, q: int, head: int, offset: int, fd: int, file_offset: int, length: int) -> int:
+        """One ``pwritev`` of readable bytes ``[offset, offset + length)`` to ``fd`` at ``file_offset``.
+
+        The data goes from guest memory to the file with no copy.  Returns the
+        bytes written (possibly short, as ``os.pwrite``).  A failed system call
+        raises :class:`ShimOSError` with its errno, except ``EINVAL``, which
+        like a bad range or a head not in flight raises :class:`ShimUsageError`.
+        """
+        return _check(lib.vhs_req_pwrite_in(self._dev, q, head, offset, fd, file_offset, length), self._dev)
 
     def push(self, q: int, head: int, used_len: int) -> None:
         _check(lib.vhs_req_push(self._dev, q, head, used_len), self._dev)

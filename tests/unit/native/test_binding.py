@@ -75,6 +75,8 @@ def test_loaded_shim_matches_this_package():
     assert binding.lib.vhs_abi_version() == binding.ABI_VERSION
     assert binding.lib.VHS_F_EVENT_IDX == binding.F_EVENT_IDX
     assert binding.lib.VHS_PF_CONFIGURE_MEM_SLOTS == binding.PF_CONFIGURE_MEM_SLOTS
+    assert (binding.lib.VHS_REQ_OVERSIZE, binding.lib.VHS_REQ_PARTIAL) == (binding.REQ_OVERSIZE, binding.REQ_PARTIAL)
+    assert binding.ABI_VERSION == binding.lib.VHS_ABI_VERSION == 3
 
 
 def test_package_works_without_the_compiled_shim():
@@ -137,10 +139,29 @@ def test_error_classes_say_who_is_at_fault():
     binding.ShimConfig(features=1 << 34),             # RING_PACKED: not implemented
     binding.ShimConfig(features=1 << 30),             # no VERSION_1
     binding.ShimConfig(protocol_features=1 << 5),     # SLAVE_REQ: not implemented
+    binding.ShimConfig(max_copy_bytes=63),            # below the OVERSIZE prefix
 ])
 def test_invalid_config_is_refused(pair, config):
     with pytest.raises(ValueError, match="refused the configuration"):
         binding.Device(pair[0].fileno(), config)
+
+
+@needs_shim
+def test_copy_cap_defaults_to_everything_and_may_be_as_small_as_64(pair):
+    cfg = binding.ffi.new("struct vhs_config *")
+    binding.lib.vhs_default_config(cfg)
+    assert cfg.max_copy_bytes == cfg.max_in_bytes
+    binding.Device(pair[0].fileno(), binding.ShimConfig(max_copy_bytes=64)).close()
+
+
+@needs_shim
+def test_readable_part_calls_check_their_arguments(dev):
+    with pytest.raises(binding.ShimUsageError, match="head 3 is not in flight"):
+        dev.read_in(1, 3, 0, 16)
+    with pytest.raises(binding.ShimUsageError, match="head 3 is not in flight"):
+        dev.read_in(1, 3, 0, 0)
+    with pytest.raises(binding.ShimUsageError, match="queue 99 out of range"):
+        dev.pwrite_in(99, 0, 0, 1, 0, 16)
 
 
 @needs_shim

@@ -9,6 +9,7 @@ kicking) are plain memory writes done from the test thread.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import socket
@@ -23,8 +24,10 @@ from nydus_vfs._native import binding
 pytestmark = pytest.mark.skipif(not binding.available(), reason=f"{binding.unavailable_reason()}")
 
 from tests.harness import (  # noqa: E402
+    Buf,
     Feature,
     Frontend,
+    MemRegion,
     ProtocolFeature,
     fuse_wire as fw,
 )
@@ -378,6 +381,205 @@ def test_oversize_readable_part_is_flagged_and_truncated():
         (h, data, cap, flags, total), = rig.pop()[0]
         assert flags & binding.REQ_OVERSIZE
         assert total == 56 + 8192 and len(data) == 64 and data[:56] == b"".join(GETATTR.readable_segments(2))
+        rig.dev.push(1, h, 0)
+    finally:
+        rig.close()
+
+
+# --------------------------------------------------------------------------- partial requests
+
+SPLIT = 4 << 20            # a region boundary in the middle of guest RAM (see _three_regions)
+
+
+def _three_regions(rig) -> None:
+    """Re-describe guest RAM as QEMU's low region plus two GPA-adjacent regions meeting at SPLIT.
+
+    The shim maps each region on its own, so a descriptor across SPLIT is
+    split into two host pieces that are not adjacent in its address space.
+    """
+    mem = rig.fe.memory
+    low, high = mem.regions
+    regions = [low, MemRegion(high.guest_phys_addr, SPLIT - high.guest_phys_addr, high.userspace_addr,
+                              high.mmap_offset),
+               MemRegion(SPLIT, mem.size - SPLIT, mem.base_address + SPLIT, SPLIT)]
+    rig.pump.run(lambda: rig.fe.set_mem_table(regions))
+    assert rig.dev.num_regions == 3
+
+
+def _partial_rig(**config) -> Rig:
+    config.setdefault("max_copy_bytes", 4096)
+    return Rig(config=binding.ShimConfig(**config), protocol_features=ProtocolFeature.REPLY_ACK)
+
+
+def _scattered_write(rig, payload: bytes) -> tuple[int, bytes]:
+    """Submit a WRITE whose payload lies in four descriptors over all three regions; (head, readable bytes)."""
+    mem = rig.fe.memory
+    head = fw.write(2, 7, 0, payload).readable_segments(9)[:2]   # the page segments are ours
+    prefix = b"".join(head)                                 # fuse_in_header + fuse_write_in: 80 bytes
+    low = mem.alloc(5000)
+    big = mem.alloc(4 << 20, 1 << 20)                       # [1 MiB, 5 MiB): crosses SPLIT
+    assert low + 5000 <= 0xA0000 and big < SPLIT < big + (4 << 20)
+    # 5000 bytes low, 10000 across SPLIT, 300000 from the start of `big`, the rest above SPLIT.
+    cuts = [5000, 15_000, 315_000, len(payload)]
+    gpas = [low, SPLIT - 3000, big, SPLIT + 100_000]
+    bufs, start = [], 0
+    for gpa, end in zip(gpas, cuts):
+        mem.write(gpa, payload[start:end])
+        bufs.append(Buf(gpa, end - start))
+        start = end
+    assert bufs[1].gpa < SPLIT < bufs[1].gpa + bufs[1].length
+    h = rig.q.submit(head + bufs, [24])
+    return h, prefix + payload
+
+
+def test_partial_request_copies_a_prefix_and_reads_the_rest_from_guest_memory(tmp_path):
+    rig = _partial_rig()
+    try:
+        _three_regions(rig)
+        payload = os.urandom(1 << 20)
+        head, readable = _scattered_write(rig, payload)
+        (h, data, cap, flags, total), = rig.pop()[0]
+        assert h == head and flags == binding.REQ_PARTIAL and cap == 24
+        assert total == len(readable) == 80 + (1 << 20)
+        assert data == readable[:4096]                        # the private copy: a prefix only
+        assert rig.dev.read_in(1, h, 0, total) == readable
+        for off, ln in ((0, 1), (4000, 2000), (80 + 5000 - 1, 2), (80 + 8000 - 5, 10),
+                        (total - 1, 1), (total, 0), (12345, 678_901)):
+            assert rig.dev.read_in(1, h, off, ln) == readable[off:off + ln], (off, ln)
+
+        out = tmp_path / "out"
+        fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            assert rig.dev.pwrite_in(1, h, 80, fd, 0, len(payload)) == len(payload)
+            assert out.read_bytes() == payload
+            # Any sub-range, to any file offset, from the middle of a piece to the middle of another.
+            assert rig.dev.pwrite_in(1, h, 80 + 4999, fd, (2 << 20) + 3, 500_000) == 500_000
+            assert out.read_bytes()[(2 << 20) + 3:] == payload[4999:4999 + 500_000]
+            assert rig.dev.pwrite_in(1, h, total, fd, 0, 0) == 0
+        finally:
+            os.close(fd)
+        rig.dev.push(1, h, 0)
+        with pytest.raises(binding.ShimUsageError, match="not in flight"):
+            rig.dev.read_in(1, h, 0, 16)                      # pushed: the guest has its memory back
+    finally:
+        rig.close()
+
+
+def test_partial_read_in_sees_the_guest_changing_its_data_the_copy_does_not():
+    rig = _partial_rig()
+    try:
+        req = fw.write(2, 7, 0, bytes(8192))
+        head = rig.submit(req, unique=4)
+        (h, data, _, flags, total), = rig.pop()[0]
+        assert flags == binding.REQ_PARTIAL and len(data) == 4096
+        readable_gpas = rig.q._inflight[head].bufs[:4]     # header, write_in, two pages
+        # The guest scribbles over its whole request after the pop.
+        for gpa in readable_gpas:
+            rig.fe.memory.fill(gpa, 16, 0xEE)
+        assert bytes(data[:16]) == b"".join(req.readable_segments(4))[:16]      # private: unchanged
+        assert rig.dev.read_in(1, h, 0, 16) == b"\xee" * 16                     # guest memory: changed
+        rig.dev.push(1, h, 0)
+    finally:
+        rig.close()
+
+
+def test_hostile_ranges_are_einval_and_touch_nothing(tmp_path):
+    rig = _partial_rig()
+    try:
+        rig.submit(fw.write(2, 7, 0, os.urandom(16384)), unique=4)
+        (h, _, _, flags, total), = rig.pop()[0]
+        assert flags == binding.REQ_PARTIAL and total == 80 + 16384
+        lib, ffi, dev = binding.lib, binding.ffi, rig.dev._dev
+        buf = ffi.new("char[]", 64)
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            for off, ln in ((0xFFFF_FFFF, 2), (2, 0xFFFF_FFFF), (0xFFFF_FFFF, 0xFFFF_FFFF),
+                            (total, 1), (total + 1, 0), (total - 10, 11), (0x8000_0000, 0x8000_0000)):
+                assert lib.vhs_req_read_in(dev, 1, h, off, buf if ln <= 64 else ffi.NULL, ln) == -errno.EINVAL
+                assert lib.vhs_req_pwrite_in(dev, 1, h, off, fd, 0, ln) == -errno.EINVAL, (off, ln)
+            assert "exceeds" in ffi.string(lib.vhs_dev_error(dev)).decode()
+            for other in ((h + 1) % 64, (h + 7) % 64, 0xFFFF):  # never popped / beyond the queue
+                assert lib.vhs_req_read_in(dev, 1, other, 0, buf, 1) == -errno.EINVAL
+                assert lib.vhs_req_pwrite_in(dev, 1, other, 0, fd, 0, 1) == -errno.EINVAL
+            assert lib.vhs_req_read_in(dev, 99, h, 0, buf, 1) == -errno.EINVAL     # no such queue
+            assert lib.vhs_req_pwrite_in(dev, 1, h, 0, fd, -1, 1) == -errno.EINVAL
+            assert lib.vhs_req_pwrite_in(dev, 1, h, 0, fd, (1 << 63) - 1, 2) == -errno.EINVAL
+            assert os.fstat(fd).st_size == 0                   # nothing was written
+            with pytest.raises(binding.ShimUsageError):
+                rig.dev.read_in(1, h, total, 1)
+            with pytest.raises(binding.ShimUsageError):
+                rig.dev.pwrite_in(1, h, 0, fd, 0, total + 1)
+            r, w = os.pipe()
+            try:
+                with pytest.raises(binding.ShimOSError) as ei:
+                    rig.dev.pwrite_in(1, h, 80, r, 0, 100)     # the read end cannot be written
+                assert isinstance(ei.value, OSError) and ei.value.errno in (errno.EBADF, errno.ESPIPE)
+            finally:
+                os.close(r)
+                os.close(w)
+            assert rig.dev.read_in(1, h, 4, 4) == struct.pack("<I", fw.FuseOpcode.WRITE)   # still usable
+            rig.dev.push(1, h, 0)
+            assert lib.vhs_req_read_in(dev, 1, h, 0, buf, 1) == -errno.EINVAL       # pushed
+            assert lib.vhs_req_pwrite_in(dev, 1, h, 0, fd, 0, 1) == -errno.EINVAL
+        finally:
+            os.close(fd)
+    finally:
+        rig.close()
+
+
+def test_oversize_wins_over_partial():
+    rig = _partial_rig(max_in_bytes=8192)
+    try:
+        rig.q.submit([b"".join(GETATTR.readable_segments(2)), bytes(16384)], [120])
+        (h, data, _, flags, total), = rig.pop()[0]
+        assert flags == binding.REQ_OVERSIZE and len(data) == 64 and total == 56 + 16384
+        with pytest.raises(binding.ShimUsageError, match="oversize"):
+            rig.dev.read_in(1, h, 0, 16)
+        rig.dev.push(1, h, 0)
+        # Just under the cap: partial, and every byte reachable.
+        body = (bytes(range(256)) * 32)[:8192 - 56]
+        rig.q.submit([b"".join(GETATTR.readable_segments(4)), body], [120])
+        (h, data, _, flags, total), = rig.pop()[0]
+        assert flags == binding.REQ_PARTIAL and len(data) == 4096 and total == 8192
+        assert rig.dev.read_in(1, h, 56, 8192 - 56) == body
+        rig.dev.push(1, h, 0)
+    finally:
+        rig.close()
+
+
+def test_by_default_everything_is_copied_and_still_readable_in_place():
+    rig = Rig()
+    try:
+        value = os.urandom(65536)
+        rig.submit(fw.setxattr(2, "user.k", value), unique=4)
+        (h, data, _, flags, total), = rig.pop()[0]
+        assert flags == 0 and len(data) == total and bytes(data[-65536:]) == value
+        assert rig.dev.read_in(1, h, total - 65536, 65536) == value
+        rig.dev.push(1, h, 0)
+    finally:
+        rig.close()
+
+
+def test_many_readable_pieces_are_charged_to_the_in_flight_budget():
+    """Readable iovecs beyond the inline few come from the budget, like the copies."""
+    # 1 + 60 pieces: the array grows 8 -> 16 -> 32 -> 64 iovecs, 1 KiB in all.
+    rig = _partial_rig(max_inflight_bytes=1024)
+    try:
+        mem = rig.fe.memory
+        pieces = []
+        for i in range(120):                                  # 1-byte pieces 16 bytes apart: no merging
+            gpa = mem.alloc(16, 16)
+            mem.write(gpa, bytes([i]))
+            pieces.append(Buf(gpa, 1))
+        hdr = b"".join(GETATTR.readable_segments(2))
+        rig.q.submit([hdr] + pieces[:60], [120], indirect=True)
+        rig.q.submit([hdr] + pieces[60:], [120], indirect=True)
+        reqs, status = rig.pop()
+        assert len(reqs) == 1 and status & binding.POP_THROTTLED        # the first one always fits
+        (h, _, _, _, total), = reqs
+        assert total == 56 + 60 and rig.dev.read_in(1, h, 56, 60) == bytes(range(60))
+        rig.dev.push(1, h, 0)
+        (h, *_), = rig.pop()[0]
         rig.dev.push(1, h, 0)
     finally:
         rig.close()
