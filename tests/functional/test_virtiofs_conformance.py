@@ -526,3 +526,170 @@ def test_disconnect_closes_the_server_session(standin):
     fe.close()
     be.wait_disconnected(1)
     assert server.closed == 1
+
+
+# --------------------------------------------------------------------------- WRITE data from guest memory
+
+O_RDWR_CREAT = 0o2 | 0o100 | 0o100000
+
+
+class _PassthroughSpy:
+    """``FuseServer`` over a writable ``PassthroughFs``, noting what the transport hands it.
+
+    ``payloads`` keeps every WRITE payload (to try it again after its push),
+    ``sizes`` the length of every request that came without one.  ``hold``:
+    "later" answers a WRITE with a payload from a coroutine a few loop turns on
+    (the payload is used only then), "forever" never answers it.
+    """
+
+    def __init__(self, shared: pathlib.Path, hold: str | None = None) -> None:
+        from nydus_vfs.fs import PassthroughFs, Vfs
+        from nydus_vfs.fuse.server import FuseServer
+
+        self.pt = PassthroughFs.from_path(str(shared), writable=True)
+        vfs = Vfs(writable=True)
+        vfs.mount("/", self.pt)
+        self.inner = FuseServer(vfs, readonly=False)
+        self.hold = hold
+        self.payloads: list = []
+        self.sizes: list[int] = []
+
+    def handle(self, request, out_capacity, payload=None):
+        if payload is None:
+            self.sizes.append(len(request))
+            return self.inner.handle(request, out_capacity)
+        self.payloads.append(payload)
+        if self.hold == "forever":
+            return asyncio.get_running_loop().create_future()
+        if self.hold == "later":
+            async def later():
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                return self.inner.handle(request, out_capacity, payload)
+            return later()
+        return self.inner.handle(request, out_capacity, payload)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def shared_dir(tmp_path):
+    """A shared directory on tmpfs when there is one (64 KiB user xattrs), else under tmp_path."""
+    import shutil
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    d = pathlib.Path(tempfile.mkdtemp(prefix="nydus-vfs-write-", dir=base))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _spy_backend(tmp_path, shared: pathlib.Path, hold: str | None = None) -> tuple[Backend, _PassthroughSpy]:
+    spy = _PassthroughSpy(shared, hold)
+    return Backend(str(tmp_path / "vfs.sock"), server=spy), spy
+
+
+def _create(fs: FuseSession, name: str) -> tuple[int, int]:
+    payload = fs.call(fw.create(ROOT, name, O_RDWR_CREAT, 0o100644))
+    return fw.decode_entry_out(payload).nodeid, fw.decode_open_out(payload[128:]).fh
+
+
+def _written(fs: FuseSession, req: fw.FuseRequest) -> int:
+    return struct.unpack_from("<I", fs.call(req))[0]      # fuse_write_out.size
+
+
+@pytest.mark.parametrize("features", [None, Feature.VERSION_1], ids=["indirect", "direct"])
+def test_one_mib_write_goes_from_guest_memory_to_the_file(tmp_path, shared_dir, features):
+    from nydus_vfs.transport.virtiofs import MAX_COPY_BYTES
+
+    be, spy = _spy_backend(tmp_path, shared_dir)
+    try:
+        kw = {} if features is None else {"features": features}
+        fe, fs = started(be, **kw)
+        with fe:
+            nodeid, fh = _create(fs, "big")
+            data = os.urandom(1 << 20)
+            assert _written(fs, fw.write(nodeid, fh, 0, data)) == 1 << 20
+            tail = os.urandom(200_000)
+            assert _written(fs, fw.write(nodeid, fh, 5000, tail)) == len(tail)      # unaligned, mid-file
+            small = b"under the copy cap"
+            assert _written(fs, fw.write(nodeid, fh, 7, small)) == len(small)
+            expect = bytearray(data)
+            expect[5000:5000 + len(tail)] = tail
+            expect[7:7 + len(small)] = small
+            assert (shared_dir / "big").read_bytes() == bytes(expect)
+            assert fs.read(nodeid, fh, 0, 1 << 20) == bytes(expect)
+        # The two long WRITEs came with guest-memory payloads, the short one as bytes.
+        assert [len(p) for p in spy.payloads] == [1 << 20, len(tail)]
+        assert type(spy.payloads[0]).__name__ == "_GuestPayload"
+        assert 80 + len(small) in spy.sizes and max(spy.sizes) <= MAX_COPY_BYTES
+        # Pushed: the payloads refuse to be used, on the loop that owns the shim.
+        for use in (lambda: spy.payloads[0].tobytes(), lambda: spy.payloads[1][:10].pwrite(0, 0)):
+            with pytest.raises(ValueError, match="completed"):
+                be.call(use)
+    finally:
+        be.stop()
+        spy.pt.close()
+
+
+def test_long_setxattr_value_is_read_in_whole(tmp_path, shared_dir):
+    """A 64 KiB SETXATTR is a partial request too: read from guest memory, then handled as ever."""
+    be, spy = _spy_backend(tmp_path, shared_dir)
+    try:
+        (shared_dir / "x").write_bytes(b"")
+        try:
+            os.setxattr(shared_dir / "x", "user.probe", bytes(65536))
+        except OSError as exc:
+            pytest.skip(f"{shared_dir} cannot hold a 64 KiB user xattr: {exc}")
+        fe, fs = started(be)
+        with fe:
+            nodeid = fs.lookup(ROOT, "x").nodeid
+            value = os.urandom(65536)
+            fs.call(fw.setxattr(nodeid, "user.big", value))
+            assert os.getxattr(shared_dir / "x", "user.big") == value
+            assert fs.getxattr(nodeid, "user.big", 65536) == value
+        assert spy.payloads == [] and 40 + 8 + len(b"user.big\0") + 65536 in spy.sizes
+    finally:
+        be.stop()
+        spy.pt.close()
+
+
+def test_write_answered_asynchronously_keeps_its_payload_until_the_push(tmp_path, shared_dir):
+    be, spy = _spy_backend(tmp_path, shared_dir, hold="later")
+    try:
+        fe, fs = started(be)
+        with fe:
+            nodeid, fh = _create(fs, "f")
+            data = os.urandom(300_000)
+            pending = fs.submit(fw.write(nodeid, fh, 0, data))
+            assert fs.getattr(ROOT).attr.ino == ROOT            # others are served meanwhile
+            reply = fs.result(pending)
+            assert reply.header.error == 0 and struct.unpack_from("<I", reply.payload)[0] == len(data)
+            assert (shared_dir / "f").read_bytes() == data
+        with pytest.raises(ValueError):
+            be.call(lambda: spy.payloads[0].pwrite(0, 0))
+    finally:
+        be.stop()
+        spy.pt.close()
+
+
+def test_payload_of_a_request_cut_off_by_a_disconnect_is_dead(tmp_path, shared_dir):
+    be, spy = _spy_backend(tmp_path, shared_dir, hold="forever")
+    try:
+        fe, fs = started(be)
+        with fe:
+            nodeid, fh = _create(fs, "f")
+            fs.submit(fw.write(nodeid, fh, 0, bytes(65536)))
+            wait_until(lambda: be.call(lambda: len(spy.payloads)) == 1)
+            assert be.call(lambda: len(spy.payloads[0].tobytes())) == 65536   # alive while in flight
+        be.wait_disconnected(1)
+        # The device and the guest's memory are gone: a clean error, never a touch.
+        with pytest.raises(ValueError):
+            be.call(lambda: spy.payloads[0].tobytes())
+        assert be.alive and (shared_dir / "f").read_bytes() == b""
+    finally:
+        be.stop()
+        spy.pt.close()

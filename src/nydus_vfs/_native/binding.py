@@ -366,8 +366,9 @@ class Device:
         for i in range(n):
             r = reqs[i]
             ln = r.in_len
-            # Large requests (WRITE data) are handed over as a view of the shim's
-            # private copy instead of a second copy in Python; it lives until push.
+            # Large copies (WRITE data, when max_copy_bytes lets the shim copy it)
+            # are handed over as a view of the shim's private copy instead of a
+            # second copy in Python; it lives until push.
             data = unpack(r.data, ln) if ln <= _VIEW_MIN else buffer(r.data, ln)
             out.append((r.head, data, r.out_cap, r.flags, r.in_total))
         return out, self._status[0]

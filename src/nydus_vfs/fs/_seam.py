@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 from ..errors import FsError
-from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, ReadData, SetAttr, StatFs
+from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, ReadData, SetAttr, StatFs, WriteData
 
 __all__ = ["FileSystem", "ReadOnlyFs"]
 
@@ -136,8 +136,18 @@ class FileSystem(Protocol):
     def create(self, parent: int, name: bytes, mode: int, flags: int, umask: int,
                ctx: Context) -> tuple[Entry, int, int]: ...
 
-    def write(self, ino: int, fh: int, offset: int, data: memoryview, write_flags: int,
-              ctx: Context) -> int: ...
+    def write(self, ino: int, fh: int, offset: int, data: WriteData, write_flags: int,
+              ctx: Context) -> int:
+        """Write ``data`` at ``offset``; the bytes written (short only as ``pwrite(2)`` may be).
+
+        ``data`` is a bytes-like object, valid only during the call (the
+        ``/dev/fuse`` transport and short virtio-fs requests), or a
+        :class:`~nydus_vfs.utils.io.WritePayload`: a long virtio-fs WRITE's data
+        left in guest memory, written with ``data.pwrite(fd, offset)`` (one
+        ``pwritev`` from guest memory, ``OSError`` on failure) or copied with
+        ``data.tobytes()``; it may change under the call (the guest's own data),
+        and it is valid until the reply is sent.
+        """
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None: ...
 

@@ -45,7 +45,8 @@ Safety: the guest is hostile
 Data path: READ answers a :class:`~nydus_vfs.fuse.ops.FileSegment` of the open
 file, which the transport ``preadv``s straight into guest memory (or splices
 into /dev/fuse); WRITE hands the request buffer to ``pwrite`` without a copy in
-Python.
+Python, or, for a long virtio-fs WRITE, lets the
+:class:`~nydus_vfs.utils.io.WritePayload` ``pwritev`` straight from guest memory.
 
 Locks (negotiated only with ``FuseServer(posix_locks=True)``, off by default
 like virtiofsd's) are OFD locks on the open file, so they belong to the FUSE
@@ -69,7 +70,7 @@ from collections.abc import Iterator
 
 from ..errors import ConfigError, FsError
 from ..fuse import abi
-from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, FileSegment, ReadData, SetAttr, StatFs
+from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, FileSegment, ReadData, SetAttr, StatFs, WriteData
 from . import _linux
 
 __all__ = ["PassthroughFs"]
@@ -728,9 +729,13 @@ class PassthroughFs:
         return [FileSegment(h.fd, offset, n)]
 
     @_fs_errors
-    def write(self, ino: int, fh: int, offset: int, data: memoryview, write_flags: int, ctx: Context) -> int:
+    def write(self, ino: int, fh: int, offset: int, data: WriteData, write_flags: int, ctx: Context) -> int:
         self._writable()
-        return os.pwrite(self._handle(fh).fd, data, offset)
+        fd = self._handle(fh).fd
+        kind = type(data)
+        if kind is memoryview or kind is bytes or kind is bytearray:
+            return os.pwrite(fd, data, offset)
+        return data.pwrite(fd, offset)
 
     @_fs_errors
     def flush(self, ino: int, fh: int, lock_owner: int) -> None:

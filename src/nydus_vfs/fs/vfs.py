@@ -50,6 +50,7 @@ from ..fuse.ops import (
     ReadData,
     SetAttr,
     StatFs,
+    WriteData,
 )
 from ._seam import FileSystem
 from .metrics import FOP_INDEX, FsMetrics
@@ -658,7 +659,7 @@ class Vfs(Operations):
         entry, fh, open_flags = fs.create(local, name, mode, flags, umask, ctx)
         return self._export_entry(idx, fs, entry), fh, open_flags
 
-    def write(self, nodeid: int, fh: int, offset: int, data: memoryview, write_flags: int,
+    def write(self, nodeid: int, fh: int, offset: int, data: WriteData, write_flags: int,
               ctx: Context) -> int:
         _, fs, local = self._instance(nodeid)
         return fs.write(local, fh, offset, data, write_flags, ctx)

@@ -25,6 +25,8 @@ from .ops import (
     ReadData,
     SetAttr,
     StatFs,
+    WriteData,
+    WritePayload,
 )
 from .server import FuseServer, SessionState
 
@@ -45,4 +47,6 @@ __all__ = [
     "SetAttr",
     "ReadData",
     "StatFs",
+    "WriteData",
+    "WritePayload",
 ]

@@ -38,6 +38,7 @@ from typing import NamedTuple, Union
 
 from ..errors import FsError
 from ..utils.io import FileSegment  # re-exported: storage produces it, transports consume it
+from ..utils.io import WritePayload  # re-exported: transports produce it, filesystems consume it
 
 __all__ = [
     "ROOT_ID",
@@ -47,6 +48,8 @@ __all__ = [
     "StatFs",
     "FileSegment",
     "ReadData",
+    "WritePayload",
+    "WriteData",
     "Context",
     "ConnInfo",
     "SetAttr",
@@ -160,6 +163,10 @@ class StatFs(NamedTuple):
 #: What ``Operations.read`` returns: bytes, or a list of bytes / file segments
 #: whose concatenation is the data.  Less than requested means end of file.
 ReadData = Union[bytes, bytearray, memoryview, "list[bytes | bytearray | memoryview | FileSegment]"]
+
+#: What ``Operations.write`` receives: a bytes-like view of the request, or
+#: the data a transport left where it arrived (virtio-fs: guest memory).
+WriteData = Union[bytes, bytearray, memoryview, WritePayload]
 
 
 class Context(NamedTuple):
@@ -377,11 +384,15 @@ class Operations:
         """Create and open a regular file; returns ``(entry, fh, fopen_flags)``."""
         raise _enosys()
 
-    def write(self, nodeid: int, fh: int, offset: int, data: memoryview, write_flags: int,
+    def write(self, nodeid: int, fh: int, offset: int, data: WriteData, write_flags: int,
               ctx: Context) -> int:
         """Write ``data`` at ``offset``; returns the bytes written.
 
-        ``data`` is a view of the request buffer, valid only during the call.
+        ``data`` is either a bytes-like view of the request buffer, valid only
+        during the call, or (a long virtio-fs WRITE) a
+        :class:`~nydus_vfs.utils.io.WritePayload` still in guest memory: move
+        it with ``data.pwrite(fd, offset)``, copy it with ``data.tobytes()``.
+        ``len(data)`` is the size in both cases.
         """
         raise _enosys()
 

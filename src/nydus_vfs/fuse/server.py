@@ -12,6 +12,9 @@ shapes the code:
   request (before INIT the list maps everything to EIO).
 * Headers and args are read with precompiled ``struct.Struct.unpack_from`` on
   the caller's buffer (bytes, bytearray or memoryview) without copying it.
+  WRITE data reaches ``Operations.write`` as a view of that buffer, or as the
+  transport's :class:`~nydus_vfs.utils.io.WritePayload` when the transport
+  left it where it arrived (virtio-fs: guest memory), never copied here.
 * Replies are built with one ``pack`` of header + fixed fields, concatenated
   with the attr bytes cached on the :class:`~.ops.Attr` (``Attr._packed``).
 * ``Context`` objects are reused while uid/gid/pid stay the same.
@@ -62,6 +65,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import logging
 import time
 import struct
@@ -306,7 +310,7 @@ class FuseServer:
 
     # -- public --------------------------------------------------------------------
 
-    def handle(self, request, out_capacity: int | None = None) -> Any:
+    def handle(self, request, out_capacity: int | None = None, payload: Any = None) -> Any:
         """Process one request; see the module docstring for what comes back.
 
         ``request`` is the whole request as a contiguous bytes-like object (the
@@ -314,8 +318,17 @@ class FuseServer:
         nothing but decoded integers).  ``out_capacity`` is how many bytes the
         transport can write back (virtio: the writable part of the chain);
         ``None`` means unlimited.  Never raises for any content of ``request``.
+
+        ``payload`` (a :class:`~nydus_vfs.utils.io.WritePayload`) is the rest
+        of a request the transport did not copy: the request is then
+        ``request`` followed by ``payload``, and every length check
+        (``fuse_in_header.len``, a WRITE's size) counts both.  A WRITE whose
+        ``request`` ends where its data begins hands ``payload`` (or the first
+        ``size`` bytes of it) to ``Operations.write`` as it is; any other
+        request is read in whole first (``payload.tobytes()``).  The payload
+        must stay valid until the reply has been sent.
         """
-        n = len(request)
+        n = len(request) if payload is None else len(request) + len(payload)
         if n < _HDR:
             self._warn("request of %d bytes is shorter than fuse_in_header (40); dropped", n)
             return None
@@ -334,6 +347,8 @@ class FuseServer:
         except IndexError:
             handler = self._beyond_table
         try:
+            if payload is not None:
+                handler, request = self._with_payload(handler, request, payload)
             reply = handler(request, n, unique, nodeid, ctx, out_capacity)
         except FsError as exc:
             if self._hits is not None:
@@ -359,6 +374,14 @@ class FuseServer:
                        opcode, unique, len(reply), out_capacity)
             return error_reply(unique, errno.EINVAL)
         return reply
+
+    def _with_payload(self, handler, request, payload) -> tuple[Any, Any]:
+        """``(handler, request)`` for a request that continues in ``payload`` (see :meth:`handle`)."""
+        if handler == self._op_write_data and len(request) == _HDR + abi.fuse_write_in.size:
+            return functools.partial(self._op_write_data, payload=payload), request
+        # Only WRITE data is worth leaving with the transport; everything
+        # else is parsed, so it is parsed from a private copy.
+        return handler, bytes(request) + payload.tobytes()
 
     def _tally(self, table: list[list[int]], opcode: int, nodeid: int) -> None:
         if opcode < len(self._fopmap):
@@ -1134,7 +1157,8 @@ class FuseServer:
                 log.exception("Operations.release() raised after a refused CREATE")
             raise
 
-    def _op_write_data(self, buf, n, unique, nodeid, ctx, cap):
+    def _op_write_data(self, buf, n, unique, nodeid, ctx, cap, payload=None):
+        """WRITE; with ``payload``, ``buf`` ends where the data begins and the data is ``payload``."""
         self._writable()
         if n < _HDR + 40:
             raise self._short(_Op.WRITE, 40, n)
@@ -1145,11 +1169,15 @@ class FuseServer:
             raise FsError(errno.EINVAL, "WRITE size beyond the request")
         if offset > 0x7FFF_FFFF_FFFF_FFFF or offset + size > 0x7FFF_FFFF_FFFF_FFFF:
             raise FsError(errno.EFBIG)
-        data = memoryview(buf)[start:start + size]
-        try:
+        if payload is not None:
+            data = payload if size == len(payload) else payload[:size]
             written = self._ops.write(nodeid, fh, offset, data, write_flags, ctx)
-        finally:
-            data.release()
+        else:
+            data = memoryview(buf)[start:start + size]
+            try:
+                written = self._ops.write(nodeid, fh, offset, data, write_flags, ctx)
+            finally:
+                data.release()
         if not 0 <= written <= size:
             raise LocalProtocolError(f"Operations.write returned {written} for {size} bytes")
         return _WRITE_REPLY(24, 0, unique, written, 0)

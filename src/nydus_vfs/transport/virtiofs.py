@@ -44,11 +44,33 @@ list ``[header, part, ...]`` -> bytes parts copied, :class:`FileSegment` parts
 ``preadv``-ed from the cache file straight into guest memory; an awaitable ->
 run as a task and replied to when done.  A request whose readable part exceeds
 the shim's cap is answered E2BIG without reaching the server.
+
+Requests (the data path of WRITE)
+---------------------------------
+The shim copies only the first ``max_copy_bytes`` (4 KiB unless the
+:class:`ShimConfig` says otherwise) of a request's readable part; that private
+copy is what the server parses, so nothing it validates can change under it.
+Every FUSE request fits in it except WRITE data, long SETXATTR values and
+SYMLINK targets near PATH_MAX.  For a longer request (``REQ_PARTIAL``):
+
+* a WRITE goes to the server as its 80 header bytes (``fuse_in_header`` +
+  ``fuse_write_in``, from the copy) plus a :class:`_GuestPayload` over the
+  data, still in guest memory: ``PassthroughFs`` ``pwritev``s it to the file
+  from there, as QEMU's virtiofsd does, with no copy at all.  The guest may
+  rewrite its buffer meanwhile; that only changes what lands in its own file.
+* anything else is completed from guest memory into one private copy
+  (``Device.read_in``) and handled like any request.
+
+A payload is valid until its request is pushed, also when the reply comes
+from an awaitable much later; from the push on (or once the connection is
+gone) it raises ``ValueError`` instead of touching the shim, so it can never
+reach memory the request no longer owns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import os
@@ -70,8 +92,10 @@ from .._native.binding import (
     FrontendDisconnected,
     ReplyTooLargeError,
     ShimConfig,
+    ShimUsageError,
 )
 from ..errors import ConfigError, TransportError
+from ..fuse import abi
 from ..fuse.codec import error_reply
 from ..utils.unixsock import listen_unix
 from ..utils.io import FileSegment
@@ -88,6 +112,11 @@ _BYTES = (bytes, bytearray, memoryview)
 _POLL_INTERVAL = 0.001
 #: Pending connections the listening socket holds while one front-end is served.
 _BACKLOG = 16
+#: Readable bytes the shim copies at pop unless the ShimConfig says otherwise.
+MAX_COPY_BYTES = 4096
+_WRITE = int(abi.Opcode.WRITE)
+#: Where a WRITE's data begins: fuse_in_header + fuse_write_in.
+_WRITE_DATA = abi.fuse_in_header.size + abi.fuse_write_in.size
 
 
 class _LogBudget:
@@ -124,6 +153,72 @@ def _unique_of(data: bytes) -> int | None:
     return _U64(data, 8)[0] if len(data) >= 16 else None
 
 
+class _Lease:
+    """An in-flight request's claim on its readable part in guest memory.
+
+    Shared by every :class:`_GuestPayload` cut from the request; ``dev`` is set
+    to None when the request is pushed or the connection closes, after which
+    the payloads refuse to touch the shim.
+    """
+
+    __slots__ = ("dev", "q", "head")
+
+    def __init__(self, dev: Device, q: int, head: int) -> None:
+        self.dev: Device | None = dev
+        self.q = q
+        self.head = head
+
+
+class _GuestPayload:
+    """Readable bytes ``[start, start + length)`` of an in-flight request, left in guest memory.
+
+    The transport's :class:`~nydus_vfs.utils.io.WritePayload`: valid until the
+    request is pushed; ``ValueError`` afterwards (see the module docstring).
+    """
+
+    __slots__ = ("_lease", "_start", "_length")
+
+    def __init__(self, lease: _Lease, start: int, length: int) -> None:
+        self._lease = lease
+        self._start = start
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __repr__(self) -> str:
+        state = "released" if self._lease.dev is None else f"q={self._lease.q} head={self._lease.head}"
+        return f"<guest payload of {self._length} bytes at {self._start} ({state})>"
+
+    def _dev(self) -> Device:
+        dev = self._lease.dev
+        if dev is None:
+            raise ValueError("operation on a WRITE payload whose request has completed")
+        return dev
+
+    def __getitem__(self, key: slice) -> _GuestPayload:
+        if type(key) is not slice:
+            raise TypeError("a WRITE payload only supports slices")
+        start, stop, step = key.indices(self._length)
+        if step != 1:
+            raise ValueError("a WRITE payload only supports contiguous slices")
+        return _GuestPayload(self._lease, self._start + start, max(0, stop - start))
+
+    def pwrite(self, fd: int, offset: int) -> int:
+        dev = self._dev()
+        lease = self._lease
+        try:
+            return dev.pwrite_in(lease.q, lease.head, self._start, fd, offset, self._length)
+        except ShimUsageError as exc:
+            # The range and the head are ours and valid while the lease is:
+            # this is pwritev's own EINVAL.
+            raise OSError(errno.EINVAL, str(exc)) from None
+
+    def tobytes(self) -> bytes:
+        lease = self._lease
+        return self._dev().read_in(lease.q, lease.head, self._start, self._length)
+
+
 class _Connection:
     """One front-end connection: the shim device plus the loop registrations.
 
@@ -147,6 +242,7 @@ class _Connection:
         self.polled: set[int] = set()          # running queues with a NOFD kick
         self.poll_handle: asyncio.TimerHandle | None = None
         self.tasks: dict[tuple[int, int], asyncio.Task] = {}
+        self.leases: dict[tuple[int, int], _Lease] = {}  # requests with a payload out
         self.dirty: set[int] = set()           # queues with pushes awaiting a notify
         self.flush_scheduled = False
         self.throttled: set[int] = set()
@@ -203,6 +299,9 @@ class _Connection:
         for task in self.tasks.values():
             task.cancel()
         self.tasks.clear()
+        for lease in self.leases.values():
+            lease.dev = None
+        self.leases.clear()
         self.dev.close()
         if not self.done.done():
             self.done.set_result(exc)
@@ -388,15 +487,32 @@ class _Connection:
                 self._drain(_HIPRIO)
 
     def _handle(self, q: int, head: int, data: bytes, out_cap: int, flags: int, in_total: int) -> None:
-        if flags & REQ_OVERSIZE:
-            self.note(logging.WARNING, "queue %d head %d: request of %d readable bytes exceeds the limit; "
-                      "replying E2BIG", q, head, in_total)
-            unique = _unique_of(data)
-            self._send(q, head, None if unique is None or out_cap < 16 else error_reply(unique, errno.E2BIG),
-                       data)
-            return
+        payload = None
+        if flags:
+            if flags & REQ_OVERSIZE:
+                self.note(logging.WARNING, "queue %d head %d: request of %d readable bytes exceeds the limit; "
+                          "replying E2BIG", q, head, in_total)
+                unique = _unique_of(data)
+                self._send(q, head, None if unique is None or out_cap < 16 else error_reply(unique, errno.E2BIG),
+                           data)
+                return
+            # REQ_PARTIAL: ``data`` is a prefix of in_total bytes.
+            if len(data) >= _WRITE_DATA and _U32(data, 4)[0] == _WRITE:
+                lease = self.leases[(q, head)] = _Lease(self.dev, q, head)
+                payload = _GuestPayload(lease, _WRITE_DATA, in_total - _WRITE_DATA)
+                data = bytes(data[:_WRITE_DATA])
+            else:
+                try:
+                    data = bytes(data) + self.dev.read_in(q, head, len(data), in_total - len(data))
+                except TransportError as exc:  # only our own misuse can get here
+                    self.note(logging.ERROR, "queue %d head %d: cannot read the request: %s", q, head, exc)
+                    self._send(q, head, None, data)
+                    return
         try:
-            reply = self.server.handle(data, out_cap)
+            if payload is None:
+                reply = self.server.handle(data, out_cap)
+            else:
+                reply = self.server.handle(data, out_cap, payload)
         except Exception:
             reply = self._server_raised(q, head)
         self._dispatch(q, head, reply, data)
@@ -465,6 +581,11 @@ class _Connection:
 
     def _send(self, q: int, head: int, reply: Any, data: bytes) -> None:
         dev = self.dev
+        if self.leases:
+            # Before the push: the request's guest memory is the guest's again after it.
+            lease = self.leases.pop((q, head), None)
+            if lease is not None:
+                lease.dev = None
         try:
             if reply is None:
                 dev.push(q, head, 0)
@@ -538,8 +659,10 @@ class VirtioFsTransport:
     """Serves a FUSE server to vhost-user-fs front-ends (QEMU), one at a time.
 
     ``server`` is a :class:`~nydus_vfs.fuse.server.FuseServer` (or anything with
-    the same ``handle(request, out_capacity)`` and ``close()``).  ``config``
-    tunes what the shim offers and enforces (:class:`ShimConfig`); ``batch`` is
+    the same ``handle(request, out_capacity[, payload])`` and ``close()``; the
+    payload argument comes only with a WRITE longer than ``max_copy_bytes``).
+    ``config`` tunes what the shim offers and enforces (:class:`ShimConfig`;
+    ``max_copy_bytes`` is :data:`MAX_COPY_BYTES` unless it says); ``batch`` is
     how many requests one pop returns; ``stop_timeout`` bounds how long a queue
     stop (GET_VRING_BASE) waits for in-flight requests before cancelling them;
     ``handshake_timeout`` how long a new front-end may take to set up its first
@@ -554,6 +677,8 @@ class VirtioFsTransport:
         binding.require()
         if batch < 1:
             raise ConfigError(f"batch={batch}: must be at least 1")
+        if config is None or config.max_copy_bytes is None:
+            config = dataclasses.replace(config or ShimConfig(), max_copy_bytes=MAX_COPY_BYTES)
         if handshake_timeout is not None and handshake_timeout < 0:
             raise ConfigError(f"handshake_timeout={handshake_timeout}: must not be negative")
         self.handshake_timeout = handshake_timeout

@@ -2,7 +2,7 @@
 
 * owns: digests and CRC-32C (``digest.py``), chunk (de)compression with the
   nydus fallback rule (``compress.py``), and I/O value types shared across
-  layers (``io.FileSegment``).
+  layers (``io.FileSegment``, ``io.WritePayload``).
 * does not own: which algorithm an image uses (``format``), when to validate
   (``storage``).
 
@@ -28,6 +28,7 @@ from .digest import sha256 as sha256
 from .digest import sha256_hex as sha256_hex
 from .digest import to_hex as to_hex
 from .io import FileSegment as FileSegment
+from .io import WritePayload as WritePayload
 
 __all__ = [
     "MAX_DECOMPRESSED_SIZE",
@@ -46,4 +47,5 @@ __all__ = [
     "sha256_hex",
     "to_hex",
     "FileSegment",
+    "WritePayload",
 ]

@@ -21,7 +21,7 @@ from nydus_vfs.fuse import abi, codec
 from nydus_vfs.fuse.abi import Opcode
 from nydus_vfs.fuse.ops import Context
 from nydus_vfs.fuse.server import FuseServer
-from nydus_vfs.testing import FuseRequestFactory
+from nydus_vfs.testing import BytesPayload, FuseRequestFactory
 
 ROOT = 1
 IS_ROOT = os.geteuid() == 0
@@ -45,8 +45,9 @@ class Guest:
         self.payload(self.f.init())
         self.root = ROOT if mountpoint == "/" else self.lookup(ROOT, mountpoint.strip("/").encode()).nodeid
 
-    def payload(self, req: bytes) -> bytes:
-        reply = self.server.handle(req)
+    def payload(self, req: bytes, data: BytesPayload | None = None) -> bytes:
+        """The reply payload of ``req`` (followed by ``data``, as virtio-fs passes a long WRITE)."""
+        reply = self.server.handle(req) if data is None else self.server.handle(req, None, data)
         if isinstance(reply, list):
             raw = b"".join(os.pread(p.fd, p.length, p.offset) if hasattr(p, "fd") else bytes(p) for p in reply)
         else:
@@ -83,6 +84,11 @@ class Guest:
 
     def write(self, nodeid: int, fh: int, offset: int, data: bytes) -> int:
         return codec.WriteOut.from_bytes(self.payload(self.f.write(nodeid, fh, offset, data))).size
+
+    def write_payload(self, nodeid: int, fh: int, offset: int, data: BytesPayload) -> int:
+        """A WRITE whose data stays with the transport (see FuseServer.handle)."""
+        header = self.f.write(nodeid, fh, offset, bytes(len(data)))[:80]
+        return codec.WriteOut.from_bytes(self.payload(header, data)).size
 
     def read(self, nodeid: int, fh: int, offset: int, size: int) -> bytes:
         return self.payload(self.f.read(nodeid, fh, offset, size))
@@ -201,6 +207,35 @@ def test_create_write_truncate_append_on_the_host(guest, shared):
     guest.payload(guest.f.fsync(e.nodeid, fh3, datasync=True))
     guest.payload(guest.f.release(e.nodeid, fh3))
     assert guest.errno_of(guest.f.write(e.nodeid, fh3, 0, b"x")) == errno.EBADF
+
+
+def test_write_payload_is_pwritten_from_where_it_is(guest, shared):
+    e, fh = guest.create(ROOT, b"big")
+    data = os.urandom(1 << 20)
+    payload = BytesPayload(data)
+    assert guest.write_payload(e.nodeid, fh, 4096, payload) == 1 << 20
+    assert (shared / "big").read_bytes() == bytes(4096) + data
+    assert payload.pwrites == 1 and payload.copies == 0
+
+
+class _DiskFull(BytesPayload):
+    def pwrite(self, fd: int, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_write_payload_failures_are_errnos(guest, shared):
+    e, fh = guest.create(ROOT, b"f")
+    released = BytesPayload(b"x" * 5000)
+    released.release()                                      # used after its request completed
+    for payload, want in ((released, errno.EINVAL), (_DiskFull(b"x" * 5000), errno.ENOSPC)):
+        with pytest.raises(FuseError) as ei:
+            guest.write_payload(e.nodeid, fh, 0, payload)
+        assert ei.value.errno == want
+    rfh = guest.open(e.nodeid, abi.O_RDONLY)
+    with pytest.raises(FuseError) as ei:
+        guest.write_payload(e.nodeid, rfh, 0, BytesPayload(b"y" * 5000))
+    assert ei.value.errno == errno.EBADF
+    assert (shared / "f").read_bytes() == b""
 
 
 def test_setattr_mode_owner_size_and_times(guest, shared):
@@ -326,6 +361,10 @@ def test_read_only_share_refuses_every_write(shared):
                     g.f.open(e.nodeid, abi.O_RDONLY | abi.O_TRUNC), g.f.setxattr(e.nodeid, b"user.a", b"b"),
                     g.f.rename(ROOT, b"hello", ROOT, b"x"), g.f.symlink(ROOT, b"s", b"t")):
             assert g.errno_of(req) == errno.EROFS
+        payload = BytesPayload(b"z" * 8192)
+        with pytest.raises(FuseError) as ei:
+            g.write_payload(e.nodeid, g.open(e.nodeid), 0, payload)
+        assert ei.value.errno == errno.EROFS and payload.pwrites == 0
         assert g.read(e.nodeid, g.open(e.nodeid), 0, 5) == b"hello"
         assert (shared / "hello").read_bytes() == b"hello world" and sorted(os.listdir(shared)) == ["hello", "sub"]
     finally:

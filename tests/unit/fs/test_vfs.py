@@ -16,6 +16,7 @@ import pytest
 from nydus_vfs.errors import FsError
 from nydus_vfs.fs import FileSystem, ReadOnlyFs, Vfs
 from nydus_vfs.fuse.ops import Attr, Context, DirEntry, Entry, StatFs
+from nydus_vfs.testing import BytesPayload
 
 CTX = Context()
 
@@ -317,6 +318,7 @@ def test_writes_to_immutable_instances_and_pseudo_dirs_are_erofs():
     for call in (lambda: vfs.mkdir(lower.nodeid, b"x", 0o755, 0, CTX),
                  lambda: vfs.create(lower.nodeid, b"x", 0o100644, 0o101, 0, CTX),
                  lambda: vfs.write(f.nodeid, 0, 0, memoryview(b"x"), 0, CTX),
+                 lambda: vfs.write(f.nodeid, 0, 0, BytesPayload(b"x" * 8192), 0, CTX),
                  lambda: vfs.unlink(lower.nodeid, b"a", CTX),
                  lambda: vfs.mkdir(1, b"new-pseudo", 0o755, 0, CTX),
                  lambda: vfs.unlink(vfs.lookup(1, b"rafs", CTX).nodeid, b"c1", CTX)):

@@ -19,7 +19,7 @@ from nydus_vfs.fuse import abi, codec
 from nydus_vfs.fuse.abi import InitFlags, Opcode
 from nydus_vfs.fuse.ops import Attr, ConnInfo, DirEntry, Entry, FileSegment, Operations, StatFs
 from nydus_vfs.fuse.server import SESSION_TRANSITIONS, FuseServer, SessionInput, SessionState
-from nydus_vfs.testing import FuseRequestFactory
+from nydus_vfs.testing import BytesPayload, FuseRequestFactory
 
 try:
     import uvloop
@@ -1504,6 +1504,95 @@ def test_write_returning_more_than_asked_is_a_filesystem_bug(wops, f, caplog):
     ok(s.handle(f.init()))
     with caplog.at_level(logging.ERROR, logger="nydus_vfs.fuse"):
         assert err(s.handle(f.write(FILE, 9, 0, b"abc"))) == errno.EIO
+
+
+# -- WRITE data the transport left where it arrived (virtio-fs: guest memory) --------------------
+
+class PayloadOps(WriteOps):
+    """Keeps the data object ``write`` got (a view only as bytes: it dies with the call)."""
+
+    def write(self, nodeid, fh, offset, data, write_flags, ctx):
+        self.calls.append(("write", nodeid, fh, offset, bytes(data) if type(data) is memoryview else data,
+                           write_flags))
+        return len(data)
+
+
+@pytest.fixture
+def psrv(f):
+    ops = PayloadOps()
+    server = FuseServer(ops, readonly=False)
+    ok(server.handle(f.init()))
+    return server, ops
+
+
+def _split(raw: bytes, at: int = 80) -> tuple[bytes, None, BytesPayload]:
+    """``handle`` arguments as the virtio-fs transport passes a partial request: prefix, capacity, rest."""
+    return raw[:at], None, BytesPayload(raw[at:])
+
+
+def test_write_payload_reaches_the_filesystem_uncopied(psrv, f):
+    server, ops = psrv
+    data = os.urandom(1 << 20)
+    prefix, _, payload = _split(f.write(FILE, 9, 4096, data, write_flags=abi.FUSE_WRITE_CACHE))
+    reply = server.handle(prefix, 4096, payload)
+    assert codec.WriteOut.from_bytes(ok(reply)).size == 1 << 20
+    call = ops.calls[-1]
+    assert call[:4] == ("write", FILE, 9, 4096) and call[5] == abi.FUSE_WRITE_CACHE
+    assert call[4] is payload and payload.copies == 0
+
+
+def test_write_payload_longer_than_size_is_cut_not_copied(psrv, f):
+    server, ops = psrv
+    raw = bytearray(f.write(FILE, 9, 0, bytes(range(256)) * 40))
+    struct.pack_into("<I", raw, 40 + 16, 1000)            # fuse_write_in.size below the data present
+    prefix, _, payload = _split(bytes(raw))
+    assert codec.WriteOut.from_bytes(ok(server.handle(prefix, None, payload))).size == 1000
+    got = ops.calls[-1][4]
+    assert len(got) == 1000 and got.tobytes() == (bytes(range(256)) * 40)[:1000]
+    assert payload.copies == 1                              # the test's tobytes, not the server's
+
+
+def test_write_payload_lengths_count_the_whole_request(psrv, f, caplog):
+    server, ops = psrv
+    raw = bytearray(f.write(FILE, 9, 0, bytes(8192)))
+    struct.pack_into("<I", raw, 40 + 16, 8193)            # one byte more than prefix + payload hold
+    assert err(server.handle(*_split(bytes(raw)))) == errno.EINVAL
+    raw = f.write(FILE, 9, 0, bytes(8192))
+    prefix, payload = raw[:80], BytesPayload(raw[80:-1])  # fuse_in_header.len counts a byte not there
+    assert err(server.handle(prefix, None, payload)) == errno.EINVAL
+    assert err(server.handle(*_split(f.write(FILE, 9, (1 << 63) - 2, bytes(5000))))) == errno.EFBIG
+    assert not any(c[0] == "write" for c in ops.calls)
+
+
+def test_other_requests_with_a_payload_are_read_in_whole(psrv, f):
+    server, ops = psrv
+    value = os.urandom(65536)
+    prefix, _, payload = _split(f.setxattr(FILE, b"user.big", value), 4096)
+    ok(server.handle(prefix, None, payload))
+    assert ops.calls[-1] == ("setxattr", FILE, b"user.big", value, 0)
+    assert payload.copies == 1
+    # A WRITE split anywhere but where its data begins is read in too (a view of the copy).
+    data = os.urandom(10000)
+    prefix, _, payload = _split(f.write(FILE, 9, 0, data), 4096)
+    ok(server.handle(prefix, None, payload))
+    assert ops.calls[-1][4] == data and payload.copies == 1
+
+
+def test_write_payload_on_a_read_only_server_is_erofs_untouched(ops, f):
+    server = FuseServer(ops)
+    ok(server.handle(f.init()))
+    prefix, _, payload = _split(f.write(FILE, 9, 0, bytes(8192)))
+    assert err(server.handle(prefix, None, payload)) == errno.EROFS
+    assert payload.copies == payload.pwrites == 0
+
+
+def test_a_payload_that_fails_is_an_errno_never_a_raise(psrv, f, caplog):
+    server, ops = psrv
+    prefix, _, payload = _split(f.setxattr(FILE, b"user.big", bytes(8192)), 4096)
+    payload.release()                                       # e.g. used after its request completed
+    with caplog.at_level(logging.ERROR, logger="nydus_vfs.fuse"):
+        assert err(server.handle(prefix, None, payload)) == errno.EIO
+    assert ops.calls == []
 
 
 def test_setattr_decodes_every_field(wsrv, wops, f):

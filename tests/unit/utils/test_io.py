@@ -1,8 +1,13 @@
-"""FileSegment lives below storage and fuse, and fuse re-exports the very same type."""
+"""FileSegment and WritePayload live below storage, fs and fuse, and fuse re-exports the very same types."""
 
 from __future__ import annotations
 
-from nydus_vfs.utils.io import FileSegment
+import os
+
+import pytest
+
+from nydus_vfs.testing import BytesPayload
+from nydus_vfs.utils.io import FileSegment, WritePayload
 
 
 def test_file_segment_fields():
@@ -27,3 +32,31 @@ def test_storage_does_not_import_fuse():
             "bad = [m for m in sys.modules if m.startswith('nydus_vfs.fuse')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fuse_ops_reexports_write_payload():
+    from nydus_vfs.fuse import ops
+
+    assert ops.WritePayload is WritePayload
+    assert {"WritePayload", "WriteData"} <= set(ops.__all__)
+
+
+def test_bytes_payload_behaves_as_the_protocol_says(tmp_path):
+    """The stand-in used by the server and filesystem tests keeps the transport's rules."""
+    payload = BytesPayload(b"0123456789")
+    tail = payload[3:]
+    assert len(tail) == 7 and tail.tobytes() == b"3456789" and len(payload[20:]) == 0
+    with pytest.raises(TypeError):
+        payload[::2]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert tail[:4].pwrite(fd, 2) == 4
+        assert os.pread(fd, 10, 0) == b"\0\0" + b"3456"
+        assert (payload.pwrites, payload.copies) == (1, 1)       # slices share the counters
+        payload.release()
+        assert len(tail) == 7 and tail.released                  # the size stays known
+        for use in (tail.tobytes, lambda: tail.pwrite(fd, 0), lambda: payload[1:]):
+            with pytest.raises(ValueError):
+                use()
+    finally:
+        os.close(fd)
