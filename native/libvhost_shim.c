@@ -1121,7 +1121,9 @@ int64_t vhs_req_pwrite_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, 
     }
     ssize_t r;
     do {
-        r = pwritev(fd, v, cnt, (off_t)file_off);
+        /* pwrite for one piece (the common small WRITE): no iovec import. */
+        r = cnt == 1 ? pwrite(fd, v[0].iov_base, v[0].iov_len, (off_t)file_off)
+                     : pwritev(fd, v, cnt, (off_t)file_off);
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         return fail(d, errno, "pwritev(fd %d, %u bytes at %" PRId64 "): %s", fd, len, file_off,

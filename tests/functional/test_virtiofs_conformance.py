@@ -617,15 +617,18 @@ def test_one_mib_write_goes_from_guest_memory_to_the_file(tmp_path, shared_dir, 
             assert _written(fs, fw.write(nodeid, fh, 5000, tail)) == len(tail)      # unaligned, mid-file
             small = b"under the copy cap"
             assert _written(fs, fw.write(nodeid, fh, 7, small)) == len(small)
+            copied = os.urandom(16384)                    # the longest WRITE the transport copies whole
+            assert _written(fs, fw.write(nodeid, fh, 300_000, copied)) == len(copied)
             expect = bytearray(data)
             expect[5000:5000 + len(tail)] = tail
             expect[7:7 + len(small)] = small
+            expect[300_000:300_000 + len(copied)] = copied
             assert (shared_dir / "big").read_bytes() == bytes(expect)
             assert fs.read(nodeid, fh, 0, 1 << 20) == bytes(expect)
-        # The two long WRITEs came with guest-memory payloads, the short one as bytes.
+        # The two long WRITEs came with guest-memory payloads, the short ones as bytes.
         assert [len(p) for p in spy.payloads] == [1 << 20, len(tail)]
         assert type(spy.payloads[0]).__name__ == "_GuestPayload"
-        assert 80 + len(small) in spy.sizes and max(spy.sizes) <= MAX_COPY_BYTES
+        assert {80 + len(small), 80 + len(copied)} <= set(spy.sizes) and max(spy.sizes) <= MAX_COPY_BYTES
         # Pushed: the payloads refuse to be used, on the loop that owns the shim.
         for use in (lambda: spy.payloads[0].tobytes(), lambda: spy.payloads[1][:10].pwrite(0, 0)):
             with pytest.raises(ValueError, match="completed"):

@@ -349,9 +349,9 @@ class Device:
 
         Returns ``(requests, status)``: each request is ``(head, data, out_cap,
         flags, in_total)`` where ``data`` is the private copy of the readable
-        part (``bytes`` up to 16 KiB; above that a cffi buffer over the
-        shim's copy, valid until the request is pushed), and ``status`` holds
-        ``POP_*`` bits.  With ``REQ_PARTIAL`` in ``flags``, ``data`` is only the
+        part (``bytes`` up to 16 KiB; above that, and for a flagged request,
+        a cffi buffer over the shim's copy, valid until the request is
+        pushed), and ``status`` holds ``POP_*`` bits.  With ``REQ_PARTIAL`` in ``flags``, ``data`` is only the
         first ``max_copy_bytes`` of ``in_total`` readable bytes: the rest is
         reached with :meth:`read_in` / :meth:`pwrite_in` until the push.
         """
@@ -366,11 +366,13 @@ class Device:
         for i in range(n):
             r = reqs[i]
             ln = r.in_len
+            flags = r.flags
             # Large copies (WRITE data, when max_copy_bytes lets the shim copy it)
             # are handed over as a view of the shim's private copy instead of a
-            # second copy in Python; it lives until push.
-            data = unpack(r.data, ln) if ln <= _VIEW_MIN else buffer(r.data, ln)
-            out.append((r.head, data, r.out_cap, r.flags, r.in_total))
+            # second copy in Python; it lives until push.  So is the prefix of
+            # a PARTIAL request, of which the caller typically needs 80 bytes.
+            data = unpack(r.data, ln) if ln <= _VIEW_MIN and not flags else buffer(r.data, ln)
+            out.append((r.head, data, r.out_cap, flags, r.in_total))
         return out, self._status[0]
 
     def complete(self, q: int, head: int, data: Any) -> None:
@@ -438,7 +440,8 @@ class Device:
         raises :class:`ShimOSError` with its errno, except ``EINVAL``, which
         like a bad range or a head not in flight raises :class:`ShimUsageError`.
         """
-        return _check(lib.vhs_req_pwrite_in(self._dev, q, head, offset, fd, file_offset, length), self._dev)
+        rc = lib.vhs_req_pwrite_in(self._dev, q, head, offset, fd, file_offset, length)
+        return rc if rc >= 0 else _check(rc, self._dev)
 
     def push(self, q: int, head: int, used_len: int) -> None:
         _check(lib.vhs_req_push(self._dev, q, head, used_len), self._dev)

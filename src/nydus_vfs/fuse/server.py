@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import functools
 import logging
 import time
 import struct
@@ -117,6 +116,8 @@ _DIRENT = abi.fuse_dirent.pack
 
 _HDR = 40                                        # sizeof(fuse_in_header)
 _READ = int(abi.Opcode.READ)
+_WRITE = int(abi.Opcode.WRITE)
+_WRITE_DATA = _HDR + abi.fuse_write_in.size     # where a WRITE's data begins (80)
 _ATTR_REPLY_LEN = 16 + abi.FUSE_ATTR_OUT_SIZE    # 120
 _ENTRY_REPLY_LEN = 16 + abi.FUSE_ENTRY_OUT_SIZE  # 144
 _ZERO_ATTR = bytes(abi.fuse_attr.size)
@@ -347,9 +348,14 @@ class FuseServer:
         except IndexError:
             handler = self._beyond_table
         try:
-            if payload is not None:
-                handler, request = self._with_payload(handler, request, payload)
-            reply = handler(request, n, unique, nodeid, ctx, out_capacity)
+            if payload is None:
+                reply = handler(request, n, unique, nodeid, ctx, out_capacity)
+            elif opcode == _WRITE and handler == self._op_write_data and len(request) == _WRITE_DATA:
+                reply = self._op_write_data(request, n, unique, nodeid, ctx, out_capacity, payload)
+            else:
+                # Only WRITE data is worth leaving with the transport; anything
+                # else is parsed, so it is parsed from a private copy.
+                reply = handler(bytes(request) + payload.tobytes(), n, unique, nodeid, ctx, out_capacity)
         except FsError as exc:
             if self._hits is not None:
                 self._tally(self._errs, opcode, nodeid)
@@ -374,14 +380,6 @@ class FuseServer:
                        opcode, unique, len(reply), out_capacity)
             return error_reply(unique, errno.EINVAL)
         return reply
-
-    def _with_payload(self, handler, request, payload) -> tuple[Any, Any]:
-        """``(handler, request)`` for a request that continues in ``payload`` (see :meth:`handle`)."""
-        if handler == self._op_write_data and len(request) == _HDR + abi.fuse_write_in.size:
-            return functools.partial(self._op_write_data, payload=payload), request
-        # Only WRITE data is worth leaving with the transport; everything
-        # else is parsed, so it is parsed from a private copy.
-        return handler, bytes(request) + payload.tobytes()
 
     def _tally(self, table: list[list[int]], opcode: int, nodeid: int) -> None:
         if opcode < len(self._fopmap):

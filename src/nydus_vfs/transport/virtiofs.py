@@ -47,11 +47,12 @@ the shim's cap is answered E2BIG without reaching the server.
 
 Requests (the data path of WRITE)
 ---------------------------------
-The shim copies only the first ``max_copy_bytes`` (4 KiB unless the
-:class:`ShimConfig` says otherwise) of a request's readable part; that private
-copy is what the server parses, so nothing it validates can change under it.
-Every FUSE request fits in it except WRITE data, long SETXATTR values and
-SYMLINK targets near PATH_MAX.  For a longer request (``REQ_PARTIAL``):
+The shim copies only the first ``max_copy_bytes`` (:data:`MAX_COPY_BYTES`:
+16 KiB + the 80 bytes of a WRITE's headers, unless the :class:`ShimConfig`
+says otherwise) of a request's readable part; that private copy is what the
+server parses, so nothing it validates can change under it.  Nearly every
+FUSE request fits in it: not WRITEs and SETXATTR values above 16 KiB, nor a
+BATCH_FORGET of a thousand nodes.  For a longer request (``REQ_PARTIAL``):
 
 * a WRITE goes to the server as its 80 header bytes (``fuse_in_header`` +
   ``fuse_write_in``, from the copy) plus a :class:`_GuestPayload` over the
@@ -65,6 +66,17 @@ A payload is valid until its request is pushed, also when the reply comes
 from an awaitable much later; from the push on (or once the connection is
 gone) it raises ``ValueError`` instead of touching the shim, so it can never
 reach memory the request no longer owns.
+
+Why 16 KiB and not less: handing data over as a payload costs about 1.5 µs
+of Python per WRITE (the object, its lease, the calls down to ``pwritev``),
+more than copying a few KiB costs in C, and the prefix is copied anyway.
+Measured per WRITE in the back-end (scripts/bench/write_path.py, figures in
+docs/benchmarks.md): a 4 KiB WRITE costs 6.1 µs copied and 7.6 µs as a
+payload behind a 4 KiB prefix, a 16 KiB one 7.9 and 9.0 µs; a 64 KiB WRITE
+16.2 µs copied and 13.7-14.7 µs as a payload, a 128 KiB one 25.9 and 19.9-20.6
+µs.  So WRITEs of up to 16 KiB are copied, as before, and longer ones go from
+guest memory (between 16 and about 48 KiB that costs up to 2 µs more than a
+copy would).
 """
 
 from __future__ import annotations
@@ -112,11 +124,12 @@ _BYTES = (bytes, bytearray, memoryview)
 _POLL_INTERVAL = 0.001
 #: Pending connections the listening socket holds while one front-end is served.
 _BACKLOG = 16
-#: Readable bytes the shim copies at pop unless the ShimConfig says otherwise.
-MAX_COPY_BYTES = 4096
 _WRITE = int(abi.Opcode.WRITE)
 #: Where a WRITE's data begins: fuse_in_header + fuse_write_in.
 _WRITE_DATA = abi.fuse_in_header.size + abi.fuse_write_in.size
+#: Readable bytes the shim copies at pop unless the ShimConfig says otherwise:
+#: a WRITE of up to 16 KiB is copied whole (see "Requests" in the module docstring).
+MAX_COPY_BYTES = (16 << 10) + _WRITE_DATA
 
 
 class _LogBudget:
@@ -153,33 +166,23 @@ def _unique_of(data: bytes) -> int | None:
     return _U64(data, 8)[0] if len(data) >= 16 else None
 
 
-class _Lease:
-    """An in-flight request's claim on its readable part in guest memory.
-
-    Shared by every :class:`_GuestPayload` cut from the request; ``dev`` is set
-    to None when the request is pushed or the connection closes, after which
-    the payloads refuse to touch the shim.
-    """
-
-    __slots__ = ("dev", "q", "head")
-
-    def __init__(self, dev: Device, q: int, head: int) -> None:
-        self.dev: Device | None = dev
-        self.q = q
-        self.head = head
-
-
 class _GuestPayload:
     """Readable bytes ``[start, start + length)`` of an in-flight request, left in guest memory.
 
-    The transport's :class:`~nydus_vfs.utils.io.WritePayload`: valid until the
-    request is pushed; ``ValueError`` afterwards (see the module docstring).
+    The transport's :class:`~nydus_vfs.utils.io.WritePayload`.  ``lease`` is a
+    one-item list holding the device, shared with every slice; the transport
+    empties it (``[None]``) when the request is pushed or the connection
+    closes, and from then on every method but ``len`` raises ``ValueError``
+    instead of touching the shim (see the module docstring).  One list and one
+    object per WRITE: this is on the path of every long WRITE.
     """
 
-    __slots__ = ("_lease", "_start", "_length")
+    __slots__ = ("_lease", "_q", "_head", "_start", "_length")
 
-    def __init__(self, lease: _Lease, start: int, length: int) -> None:
+    def __init__(self, lease: list, q: int, head: int, start: int, length: int) -> None:
         self._lease = lease
+        self._q = q
+        self._head = head
         self._start = start
         self._length = length
 
@@ -187,11 +190,11 @@ class _GuestPayload:
         return self._length
 
     def __repr__(self) -> str:
-        state = "released" if self._lease.dev is None else f"q={self._lease.q} head={self._lease.head}"
+        state = "released" if self._lease[0] is None else f"q={self._q} head={self._head}"
         return f"<guest payload of {self._length} bytes at {self._start} ({state})>"
 
     def _dev(self) -> Device:
-        dev = self._lease.dev
+        dev = self._lease[0]
         if dev is None:
             raise ValueError("operation on a WRITE payload whose request has completed")
         return dev
@@ -202,21 +205,21 @@ class _GuestPayload:
         start, stop, step = key.indices(self._length)
         if step != 1:
             raise ValueError("a WRITE payload only supports contiguous slices")
-        return _GuestPayload(self._lease, self._start + start, max(0, stop - start))
+        return _GuestPayload(self._lease, self._q, self._head, self._start + start, max(0, stop - start))
 
     def pwrite(self, fd: int, offset: int) -> int:
-        dev = self._dev()
-        lease = self._lease
+        dev = self._lease[0]
+        if dev is None:
+            self._dev()
         try:
-            return dev.pwrite_in(lease.q, lease.head, self._start, fd, offset, self._length)
+            return dev.pwrite_in(self._q, self._head, self._start, fd, offset, self._length)
         except ShimUsageError as exc:
             # The range and the head are ours and valid while the lease is:
             # this is pwritev's own EINVAL.
             raise OSError(errno.EINVAL, str(exc)) from None
 
     def tobytes(self) -> bytes:
-        lease = self._lease
-        return self._dev().read_in(lease.q, lease.head, self._start, self._length)
+        return self._dev().read_in(self._q, self._head, self._start, self._length)
 
 
 class _Connection:
@@ -242,7 +245,7 @@ class _Connection:
         self.polled: set[int] = set()          # running queues with a NOFD kick
         self.poll_handle: asyncio.TimerHandle | None = None
         self.tasks: dict[tuple[int, int], asyncio.Task] = {}
-        self.leases: dict[tuple[int, int], _Lease] = {}  # requests with a payload out
+        self.leases: dict[tuple[int, int], list] = {}  # requests with a payload out: [device]
         self.dirty: set[int] = set()           # queues with pushes awaiting a notify
         self.flush_scheduled = False
         self.throttled: set[int] = set()
@@ -300,7 +303,7 @@ class _Connection:
             task.cancel()
         self.tasks.clear()
         for lease in self.leases.values():
-            lease.dev = None
+            lease[0] = None
         self.leases.clear()
         self.dev.close()
         if not self.done.done():
@@ -498,9 +501,9 @@ class _Connection:
                 return
             # REQ_PARTIAL: ``data`` is a prefix of in_total bytes.
             if len(data) >= _WRITE_DATA and _U32(data, 4)[0] == _WRITE:
-                lease = self.leases[(q, head)] = _Lease(self.dev, q, head)
-                payload = _GuestPayload(lease, _WRITE_DATA, in_total - _WRITE_DATA)
-                data = bytes(data[:_WRITE_DATA])
+                lease = self.leases[(q, head)] = [self.dev]
+                payload = _GuestPayload(lease, q, head, _WRITE_DATA, in_total - _WRITE_DATA)
+                data = data[:_WRITE_DATA]
             else:
                 try:
                     data = bytes(data) + self.dev.read_in(q, head, len(data), in_total - len(data))
@@ -585,7 +588,7 @@ class _Connection:
             # Before the push: the request's guest memory is the guest's again after it.
             lease = self.leases.pop((q, head), None)
             if lease is not None:
-                lease.dev = None
+                lease[0] = None
         try:
             if reply is None:
                 dev.push(q, head, 0)
