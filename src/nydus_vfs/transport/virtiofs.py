@@ -71,12 +71,12 @@ Why 16 KiB and not less: handing data over as a payload costs about 1.5 µs
 of Python per WRITE (the object, its lease, the calls down to ``pwritev``),
 more than copying a few KiB costs in C, and the prefix is copied anyway.
 Measured per WRITE in the back-end (scripts/bench/write_path.py, figures in
-docs/benchmarks.md): a 4 KiB WRITE costs 6.1 µs copied and 7.6 µs as a
-payload behind a 4 KiB prefix, a 16 KiB one 7.9 and 9.0 µs; a 64 KiB WRITE
-16.2 µs copied and 13.7-14.7 µs as a payload, a 128 KiB one 25.9 and 19.9-20.6
-µs.  So WRITEs of up to 16 KiB are copied, as before, and longer ones go from
-guest memory (between 16 and about 48 KiB that costs up to 2 µs more than a
-copy would).
+docs/benchmarks.md): a 4 KiB WRITE costs 6.1 µs copied and 7.7 µs as a
+payload behind a 4 KiB prefix, a 16 KiB one 8.2 and 9.1 µs; a 64 KiB WRITE
+16.1 µs copied and 14.0-15.8 µs as a payload, a 128 KiB one 26.5 and
+19.8-20.7 µs.  So WRITEs of up to 16 KiB are copied, as before, and longer
+ones go from guest memory (between 16 and about 48 KiB that costs up to 2 µs
+more than a copy would).
 """
 
 from __future__ import annotations
