@@ -809,3 +809,18 @@ def test_quick_reconnects_queue_in_the_backlog_instead_of_eagain(backend):
                 s.close()
         assert fs.getattr(ROOT).attr.ino == ROOT
     assert backend.alive
+
+
+def test_a_burst_of_more_batches_than_one_drain_takes_is_answered_in_full(guest, monkeypatch):
+    # More requests published at once than one drain handles before it yields
+    # to the event loop: the rest is served right after (one batch per drain
+    # here, so the 256-entry queue needs four).
+    from nydus_vfs.transport import virtiofs
+
+    monkeypatch.setattr(virtiofs, "_DRAIN_BATCHES", 1)
+    n = guest.q.size
+    assert n > 2 * 64, "the burst must take more than one drain"
+    heads = [guest.q.add([guest.getattr_bytes()], [120]) for _ in range(n)]
+    guest.q.publish()
+    done = guest.q.wait(timeout=30, min_count=n)
+    assert sorted(c.head for c in done) == sorted(heads) and all(c.used_len == 120 for c in done)

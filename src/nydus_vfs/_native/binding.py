@@ -44,6 +44,7 @@ __all__ = [
     "ShimConfig",
     "QueueInfo",
     "Device",
+    "VIEW_MIN",
     "EV_QUEUES",
     "EV_DEFERRED",
     "EV_LOG",
@@ -85,7 +86,7 @@ PF_REPLY_ACK = 3
 PF_CONFIGURE_MEM_SLOTS = 15
 
 #: Requests longer than this are returned as views of the shim's copy (see Device.pop).
-_VIEW_MIN = 16 << 10
+VIEW_MIN = 16 << 10
 
 _BUILD_HINT = (
     "build it with `pip install -e .` from the project root (needs a C compiler, "
@@ -360,20 +361,36 @@ class Device:
         n = lib.vhs_queue_pop(self._dev, q, reqs, n_max, self._status)
         if n < 0:
             _check(n, self._dev)
-        unpack = ffi.unpack
-        buffer = ffi.buffer
-        out = []
-        for i in range(n):
-            r = reqs[i]
-            ln = r.in_len
-            flags = r.flags
-            # Large copies (WRITE data, when max_copy_bytes lets the shim copy it)
-            # are handed over as a view of the shim's private copy instead of a
-            # second copy in Python; it lives until push.  So is the prefix of
-            # a PARTIAL request, of which the caller typically needs 80 bytes.
-            data = unpack(r.data, ln) if ln <= _VIEW_MIN and not flags else buffer(r.data, ln)
-            out.append((r.head, data, r.out_cap, flags, r.in_total))
-        return out, self._status[0]
+        request = self.request
+        return [request(reqs[i]) for i in range(n)], self._status[0]
+
+    def pop_raw(self, q: int) -> tuple[Any, int, int]:
+        """The hot-path :meth:`pop`: ``(reqs, n, status)`` without building tuples.
+
+        ``reqs`` is the cffi array of ``struct vhs_req`` (``head``, ``data``,
+        ``in_len``, ``in_total``, ``out_cap``, ``flags``) holding ``n``
+        requests; it is overwritten by the next pop on this device, so read
+        what you need first.  ``ffi.unpack(r.data, r.in_len)`` is the data as
+        :meth:`pop` gives it when ``r.flags`` is 0 and ``r.in_len <= VIEW_MIN``;
+        :meth:`request` gives any request exactly as :meth:`pop` would.
+        """
+        reqs = self._reqs
+        n = lib.vhs_queue_pop(self._dev, q, reqs, self.batch, self._status)
+        if n < 0:
+            _check(n, self._dev)
+        return reqs, n, self._status[0]
+
+    @staticmethod
+    def request(r: Any) -> tuple[int, Any, int, int, int]:
+        """One popped ``struct vhs_req`` as :meth:`pop` returns it: (head, data, out_cap, flags, in_total)."""
+        ln = r.in_len
+        flags = r.flags
+        # Large copies (WRITE data, when max_copy_bytes lets the shim copy it)
+        # are handed over as a view of the shim's private copy instead of a
+        # second copy in Python; it lives until push.  So is the prefix of
+        # a PARTIAL request, of which the caller typically needs 80 bytes.
+        data = ffi.unpack(r.data, ln) if ln <= VIEW_MIN and not flags else ffi.buffer(r.data, ln)
+        return r.head, data, r.out_cap, flags, r.in_total
 
     def complete(self, q: int, head: int, data: Any) -> None:
         """Write ``data`` (bytes-like) at offset 0 and push the chain with its length."""

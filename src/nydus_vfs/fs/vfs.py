@@ -34,7 +34,7 @@ import logging
 import stat
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import FsError
 from ..fuse.ops import (
@@ -134,6 +134,8 @@ class Vfs(Operations):
         self._pseudo: dict[int, _PseudoNode] = {ROOT_ID: self._root}
         self._next_pseudo = ROOT_ID + 1
         self._instances: dict[int, FileSystem] = {}
+        # getattr of each mutable instance by index: GETATTR's direct route.
+        self._mutable_getattr: dict[int, Callable[[int, int | None, Context], Attr]] = {}
         self._metrics: dict[int, FsMetrics] = {}
         # Per-instance FUSE request counters handed to the server (counters()).
         self._hits: list[list[int]] = [[0] * len(FOP_INDEX) for _ in range(MAX_INSTANCES + 1)]
@@ -179,6 +181,8 @@ class Vfs(Operations):
             raise FsError(errno.ENOSPC, "too many mounted instances")
         idx = self._free.popleft()
         self._instances[idx] = fs
+        if not fs.immutable:
+            self._mutable_getattr[idx] = fs.getattr
         self._metrics[idx] = metrics if metrics is not None else FsMetrics(path)
         self._paths[idx] = "/" + "/".join(p.decode() for p in parts)
         node.mount = idx
@@ -199,6 +203,7 @@ class Vfs(Operations):
         if node is self._root:
             self._root_index = None
         fs = self._instances.pop(idx)
+        self._mutable_getattr.pop(idx, None)
         del self._paths[idx]
         self._metrics.pop(idx, None)
         self._free.append(idx)
@@ -418,17 +423,16 @@ class Vfs(Operations):
         return e
 
     def getattr(self, nodeid: int, fh: int | None, ctx: Context) -> Attr:
-        a = self._attr_cache.get(nodeid)
-        if a is not None:
-            return a
-        idx = nodeid >> _INDEX_SHIFT
-        fs = self._instances.get(idx) if idx else None
-        if fs is not None and not fs.immutable:
+        direct = self._mutable_getattr.get(nodeid >> _INDEX_SHIFT)
+        if direct is not None:
             # A mutable instance's inode (never memoised): the direct route.
-            a = fs.getattr(nodeid & _LOCAL_MASK, fh, ctx)
+            a = direct(nodeid & _LOCAL_MASK, fh, ctx)
             if a.ino != nodeid:
                 a.ino = nodeid
                 a._packed = None
+            return a
+        a = self._attr_cache.get(nodeid)
+        if a is not None:
             return a
         fs, local = self._resolve(nodeid)
         if fs is None:

@@ -86,6 +86,7 @@ _OUT = abi.fuse_out_header.pack
 _U32 = struct.Struct("<I").unpack_from
 _U64 = struct.Struct("<Q").unpack_from
 _GETATTR_IN = abi.fuse_getattr_in.unpack_from
+_GETATTR_FH = abi.FUSE_GETATTR_FH
 _READ_IN = abi.fuse_read_in.unpack_from
 _OPEN_IN = abi.fuse_open_in.unpack_from
 _RELEASE_IN = abi.fuse_release_in.unpack_from
@@ -710,7 +711,7 @@ class FuseServer:
         if n < _HDR + 16:
             raise self._short(_Op.GETATTR, 16, n)
         flags, _, fh = _GETATTR_IN(buf, _HDR)
-        attr = self._getattr(nodeid, fh if flags & abi.FUSE_GETATTR_FH else None, ctx)
+        attr = self._getattr(nodeid, fh if flags & _GETATTR_FH else None, ctx)
         packed = attr._packed or pack_attr(attr)
         timeout = attr.timeout
         if timeout is None:
