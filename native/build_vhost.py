@@ -67,14 +67,24 @@ def cdef_from_header(path: str = HEADER) -> str:
     return "\n".join(out)
 
 
+#: libc calls bound beside the shim (API mode: a direct C call, no ctypes/ABI
+#: overhead): ``fstat`` into a reusable buffer is PassthroughFs's "did this
+#: inode change?" probe (binding.StatProbe).
+LIBC_CDEF = """
+struct stat { ...; };
+int fstat(int fd, struct stat *buf);
+"""
+
+
 def make_builder(*, absolute: bool = False) -> FFI:
     """The builder; ``absolute`` source paths for builds outside the project root's cwd."""
     path = (lambda p: p) if absolute else _rel
     ffi = FFI()
     ffi.cdef(cdef_from_header())
+    ffi.cdef(LIBC_CDEF)
     ffi.set_source(
         "nydus_vfs._native._vhost_shim",
-        '#include "libvhost_shim.h"\n',
+        '#include <sys/stat.h>\n#include "libvhost_shim.h"\n',
         sources=[path(os.path.join(HERE, "libvhost_shim.c"))],
         include_dirs=[path(HERE)],
         define_macros=[("VHS_PACKAGE_VERSION", f'"{_package_version()}"')],

@@ -68,6 +68,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 
+from .._native import binding
 from ..errors import ConfigError, FsError
 from ..fuse import abi
 from ..fuse.ops import Attr, Context, DirEntry, Entry, FileLock, FileSegment, ReadData, SetAttr, StatFs, WriteData
@@ -173,7 +174,7 @@ class _Inode:
         self.fd = fd              # O_PATH fd, -1 while evicted
         self.handle = handle      # file handle to reopen it, None: never evicted
         self.fmt = fmt            # S_IFMT bits; an inode never changes type
-        self.seen: tuple | None = None   # the stat fields the last Attr was built from
+        self.seen: bytes | tuple | None = None   # the stat the last Attr was built from (StatProbe bytes)
         self.attr: Attr | None = None
 
 
@@ -247,6 +248,9 @@ class PassthroughFs:
         self._use_handles = self._probe_handles(root_fd)
         self._switch_creds = os.geteuid() == 0
         self._umask = _current_umask()
+        # GETATTR's change check: a raw fstat where the native shim is built
+        # (the cffi module binds fstat beside it), os.stat otherwise.
+        self._stat_probe = binding.StatProbe() if binding.available() else None
         if not self._switch_creds:
             log.warning("%s: nydusd is not root: files the guest creates are owned by uid %d, not the "
                         "guest's user", source, os.geteuid())
@@ -465,21 +469,30 @@ class PassthroughFs:
         if inode is None:
             raise FsError(errno.ESTALE)
         fd = inode.fd
+        probe = self._stat_probe
         try:
             # (An open fd is used without touching the LRU order: only name
             # lookups count as use, which keeps this path to one syscall.)
             if fd < 0:
                 fd = self._fd(inode)
-            st = os.stat(fd)
+            if probe is not None:
+                # Unchanged since the last answer (the raw struct stat, every
+                # field to the nanosecond): the same Attr, packed once.
+                seen = probe(fd)
+                if seen == inode.seen:
+                    return inode.attr
+                st = os.stat(fd)
+            else:
+                st = os.stat(fd)
+                seen = (st[:7], st.st_ctime_ns, st.st_mtime_ns, st.st_atime_ns, st.st_blocks)  # mode..size + rest
+                if seen == inode.seen:
+                    return inode.attr
         except FsError:
             raise
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO) from None
-        # Unchanged since the last answer (every field the guest sees, since
-        # timestamps alone are too coarse to tell): the same Attr, packed once.
-        seen = (st[:7], st.st_ctime_ns, st.st_mtime_ns, st.st_atime_ns, st.st_blocks)  # mode..size + the rest
-        if seen == inode.seen:
-            return inode.attr
+        # A change between the probe and os.stat only makes the next probe
+        # differ again (one more rebuild), never a stale answer.
         a = _attr(ino, st)
         inode.seen = seen
         inode.attr = a

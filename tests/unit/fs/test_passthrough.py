@@ -238,6 +238,27 @@ def test_write_payload_failures_are_errnos(guest, shared):
     assert (shared / "f").read_bytes() == b""
 
 
+@pytest.mark.parametrize("probe", ["native fstat", "os.stat"])
+def test_getattr_sees_every_host_side_change(fs, guest, shared, probe):
+    if probe == "os.stat":
+        fs._stat_probe = None
+    elif fs._stat_probe is None:
+        pytest.skip("the native shim is not built")
+    e = guest.lookup(ROOT, b"hello")
+    a = guest.getattr(e.nodeid)
+    assert guest.getattr(e.nodeid) == a                              # unchanged: the same answer
+    os.utime(shared / "hello", ns=(5_000_000_001, 6_000_000_002))  # nanoseconds only
+    a = guest.getattr(e.nodeid)
+    assert (a.atime, a.atimensec, a.mtime, a.mtimensec) == (5, 1, 6, 2)
+    os.utime(shared / "hello", ns=(5_000_000_001, 6_000_000_003))
+    assert guest.getattr(e.nodeid).mtimensec == 3
+    with open(shared / "hello", "ab") as f:
+        f.write(b"!")
+    assert guest.getattr(e.nodeid).size == 12
+    os.chmod(shared / "hello", 0o600)
+    assert guest.getattr(e.nodeid).mode & 0o777 == 0o600
+
+
 def test_setattr_mode_owner_size_and_times(guest, shared):
     e = guest.lookup(ROOT, b"hello")
     a = codec.AttrOut.from_bytes(guest.payload(guest.f.setattr(e.nodeid, abi.FATTR_MODE, mode=0o100600))).attr

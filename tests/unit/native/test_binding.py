@@ -298,3 +298,27 @@ def test_close_is_idempotent(pair):
     d.close()
     assert d.closed
     assert pair[0].fileno() >= 0          # the socket stays the caller's
+
+
+def test_stat_probe_bytes_change_exactly_when_the_inode_does(tmp_path):
+    if not binding.available():
+        pytest.skip(binding.unavailable_reason())
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    fd = os.open(f, os.O_PATH)
+    try:
+        probe = binding.StatProbe()
+        first = probe(fd)
+        assert probe(fd) == first and len(first) >= 88
+        os.utime(f, ns=(1, 2))                      # timestamps only, to the nanosecond
+        moved = probe(fd)
+        assert moved != first
+        os.utime(f, ns=(1, 3))
+        assert probe(fd) != moved
+        os.chmod(f, 0o600)
+        assert probe(fd) != moved
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        probe(fd)                                  # closed
+    assert info.value.errno == errno.EBADF
