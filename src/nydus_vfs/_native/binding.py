@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import functools
+import os
 from typing import Any
 
 from .._version import __version__
@@ -498,11 +499,5 @@ class StatProbe:
     def __call__(self, fd: int) -> bytes:
         if self._fstat(fd, self._buf) != 0:
             code = ffi.errno
-            raise OSError(code, _os_strerror(code))
+            raise OSError(code, os.strerror(code))
         return self._view[:]
-
-
-def _os_strerror(code: int) -> str:
-    import os
-
-    return os.strerror(code)
