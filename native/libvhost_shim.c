@@ -1051,6 +1051,30 @@ static bool iov_seek(const struct slot *s, uint32_t off, uint32_t *idx, size_t *
     return vec_seek(s->iov, s->niov, off, idx, within);
 }
 
+/* Copy len bytes between buf and the iovec list v at byte offset off: into
+ * the list when to_vec, out of it otherwise.  The caller has checked that
+ * [off, off + len) lies inside the list. */
+static void vec_copy(const struct iovec *v, uint32_t n, uint32_t off, char *buf, uint32_t len,
+                     bool to_vec)
+{
+    uint32_t i;
+    size_t within;
+    vec_seek(v, n, off, &i, &within);
+    while (len > 0) {
+        size_t room = v[i].iov_len - within;
+        size_t take = len < room ? len : room;
+        char *at = (char *)v[i].iov_base + within;
+        if (to_vec)
+            memcpy(at, buf, take);
+        else
+            memcpy(buf, at, take);
+        buf += take;
+        len -= (uint32_t)take;
+        within = 0;
+        i++;
+    }
+}
+
 /* The in-flight slot whose readable bytes [off, off+len) are in guest memory. */
 static struct slot *readable_range(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, uint32_t len,
                                    const char *what)
@@ -1077,18 +1101,7 @@ int vhs_req_read_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, char *
     struct slot *s = readable_range(d, qi, head, off, len, "read");
     if (!s)
         return -EINVAL;
-    uint32_t i;
-    size_t within;
-    vec_seek(s->riov, s->nriov, off, &i, &within);
-    while (len > 0) {
-        size_t room = s->riov[i].iov_len - within;
-        size_t take = len < room ? len : room;
-        memcpy(buf, (const char *)s->riov[i].iov_base + within, take);
-        buf += take;
-        len -= (uint32_t)take;
-        within = 0;
-        i++;
-    }
+    vec_copy(s->riov, s->nriov, off, buf, len, false);
     return 0;
 }
 
@@ -1141,18 +1154,7 @@ int vhs_req_write(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, const ch
     if (off > s->out_cap || len > s->out_cap - off)
         return fail(d, EMSGSIZE, "queue %u head %u: write of %u bytes at %u exceeds %u writable",
                     qi, head, len, off, s->out_cap);
-    uint32_t i;
-    size_t within;
-    iov_seek(s, off, &i, &within);
-    while (len > 0) {
-        size_t room = s->iov[i].iov_len - within;
-        size_t take = len < room ? len : room;
-        memcpy((char *)s->iov[i].iov_base + within, buf, take);
-        buf += take;
-        len -= (uint32_t)take;
-        within = 0;
-        i++;
-    }
+    vec_copy(s->iov, s->niov, off, (char *)buf, len, true);
     return 0;
 }
 
