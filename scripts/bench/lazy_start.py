@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -451,6 +452,80 @@ def explain_fetch(boot: Path, cache: Path, top: int = 15) -> None:
         log(f"      {human_bytes(got):>10} ({n} chunks, {human_bytes(size)} uncompressed)  {path}")
 
 
+class _UnixHTTP(http.client.HTTPConnection):
+    """http.client over nydusd's API socket."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=60)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(self._path)
+
+
+def _api(sock: Path, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn = _UnixHTTP(str(sock))
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def start_shared(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[float, float]:
+    """(b2): nydus-snapshotter's shared mode: one ``nydusd fuse`` already runs (started before
+    the clock), the image is mounted into it through the HTTP API; (seconds to output, to mounted)."""
+    from nydus_vfs.convert import fetch_nydus_bootstrap
+
+    boot = work / "image.boot"
+    mnt = work / "mnt"
+    mnt.mkdir()
+    api = work / "api.sock"
+    _write_registry_config(work, link, repo)
+    proc = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydusd", "fuse", "--mountpoint", str(mnt),
+                             "--apisock", str(api), "--log-file", str(work / "nydusd.log"), "--log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise BenchError(f"shared nydusd exited {proc.returncode}: "
+                                 f"{proc.stderr.read().decode(errors='replace').strip()[-500:]}")
+            if is_mountpoint(mnt) and api.exists():
+                try:
+                    if _api(api, "GET", "/api/v1/daemon")[0] == 200:
+                        break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise BenchError("the shared nydusd did not come up within 60 s")
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
+        body = json.dumps({"source": str(boot), "fs_type": "rafs",
+                           "config": (work / "nydusd.json").read_text()}).encode()
+        status, text = _api(api, "POST", "/api/v1/mount?mountpoint=/lazy", body)
+        if status != 204:
+            raise BenchError(f"POST /api/v1/mount answered {status}: {text.decode(errors='replace')[:300]}")
+        t_mounted = time.monotonic()
+        t1 = first_output(["chroot", str(mnt / "lazy")] + WORKLOAD)
+        if EXPLAIN:
+            explain_fetch(boot, work / "cache")
+        return t1 - t0, t_mounted - t0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        unmount(mnt)
+
+
 def _guest_module():
     """``tests/guest.py`` (the guest runner ``qemu/run-guest`` uses), loaded by path."""
     import importlib.util
@@ -525,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the raw figures here")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir under the cache)")
     ap.add_argument("--no-guest", action="store_true", help="skip (c), the guest over virtio-fs")
-    ap.add_argument("--modes", default="oci,nydus,guest", help="which of oci,nydus,guest to run")
+    ap.add_argument("--modes", default="oci,nydus,shared,guest", help="which of oci,nydus,shared,guest to run")
     ap.add_argument("--explain", action="store_true",
                     help="after each Nydus run, list the files whose chunks were fetched")
     ap.add_argument("--amplify-io", default=None,
@@ -570,7 +645,7 @@ def _run(args) -> int:
         for mbit in args.bandwidth:
             link = ShapedLink(registry.host, mbit * 1e6 / 8, args.rtt_ms / 1000)
             try:
-                modes = [m for m in args.modes.split(",") if m in ("oci", "nydus", "guest")]
+                modes = [m for m in args.modes.split(",") if m in ("oci", "nydus", "shared", "guest")]
                 for mode in [m for m in modes if not (m == "guest" and args.no_guest)]:
                     for i in range(args.rounds):
                         work = scratch / f"run-{mbit:g}-{mode}-{i}"
@@ -583,6 +658,8 @@ def _run(args) -> int:
                                 total, ready = start_oci(link, work, "lazy:base")
                             elif mode == "nydus":
                                 total, ready = start_nydus(link, work, "lazy:nydus", "lazy")
+                            elif mode == "shared":
+                                total, ready = start_shared(link, work, "lazy:nydus", "lazy")
                             else:
                                 total, ready = start_guest(link, work, "lazy:nydus", "lazy")
                         except BenchError as exc:
@@ -594,7 +671,7 @@ def _run(args) -> int:
                         results.append({"mode": mode, "mbit": mbit, "round": i, "seconds": total,
                                         "ready_seconds": ready, "bytes": fetched, "requests": requests})
                         log(f"  {mode} @ {mbit:g} Mbit/s round {i + 1}: first output after {total:.2f} s "
-                            f"({ {'oci': 'unpacked', 'nydus': 'mounted'}.get(mode, 'nydusd up') } at {ready:.2f} s), "
+                            f"({ {'oci': 'unpacked', 'nydus': 'mounted', 'shared': 'mounted'}.get(mode, 'nydusd up') } at {ready:.2f} s), "
                             f"{human_bytes(fetched)} fetched in {requests} requests")
                         shutil.rmtree(work, ignore_errors=True)
             finally:
@@ -609,11 +686,12 @@ def _run(args) -> int:
     image_bytes = meta["image_size"]
     for mbit in args.bandwidth:
         per = {}
-        for mode in ("oci", "nydus", "guest"):
+        for mode in ("oci", "nydus", "shared", "guest"):
             rs = [r for r in results if r["mode"] == mode and r["mbit"] == mbit and "seconds" in r]
             per[mode] = (median([r["seconds"] for r in rs]), median([r["bytes"] for r in rs]),
                          median([r["requests"] for r in rs])) if rs else None
         for mode, label in (("oci", "(a) OCI: pull + unpack + chroot"), ("nydus", "(b) Nydus: nydusd fuse + chroot"),
+                            ("shared", "(b2) Nydus: shared nydusd, API mount + chroot"),
                             ("guest", "(c) Nydus: nydusd virtiofs + guest")):
             if per[mode] is None:
                 ran = mode in args.modes.split(",") and not (mode == "guest" and args.no_guest)
