@@ -20,6 +20,10 @@ registry (one shared token bucket = one link of ``--bandwidth`` Mbit/s, plus
     snapshotter pulls), start ``nydusd fuse`` with the registry backend
     (``scheme: http``, empty blob cache), wait for the mount, then the same
     chroot command in the mount;
+(b2) **Nydus, shared daemon** (nydus-snapshotter's ``daemon_mode = "shared"``): one
+    ``nydusd fuse --apisock`` already runs, started before the clock; the clock
+    covers the bootstrap fetch, ``POST /api/v1/mount`` of the image into it and
+    the same chroot command;
 (c) **Nydus in a guest**: the same, but ``nydusd virtiofs``, and the test guest
     of ``qemu/`` (Debian 6.1 kernel, busybox) runs ``mount -t virtiofs`` and the
     chroot command.  The guest's boot is not counted (it is the VM's cost, the
