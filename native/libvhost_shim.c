@@ -1046,9 +1046,27 @@ static bool vec_seek(const struct iovec *v, uint32_t n, uint32_t off, uint32_t *
     return i < n || off == 0;
 }
 
-static bool iov_seek(const struct slot *s, uint32_t off, uint32_t *idx, size_t *within)
+/* The pieces of the iovec list v (n entries) that cover [off, off + len),
+ * at most max of them, into out; returns how many.  They cover fewer than
+ * len bytes when max runs out (the caller's short-I/O handling applies). */
+static int vec_window(const struct iovec *v, uint32_t n, uint32_t off, uint32_t len,
+                      struct iovec *out, int max)
 {
-    return vec_seek(s->iov, s->niov, off, idx, within);
+    int cnt = 0;
+    uint32_t i;
+    size_t within;
+    vec_seek(v, n, off, &i, &within);
+    while (cnt < max && len > 0 && i < n) {
+        size_t room = v[i].iov_len - within;
+        size_t take = len < room ? len : room;
+        out[cnt].iov_base = (char *)v[i].iov_base + within;
+        out[cnt].iov_len = take;
+        cnt++;
+        len -= (uint32_t)take;
+        within = 0;
+        i++;
+    }
+    return cnt;
 }
 
 /* Copy len bytes between buf and the iovec list v at byte offset off: into
@@ -1117,21 +1135,7 @@ int64_t vhs_req_pwrite_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, 
      * guest that splits its data into tiny descriptors gets there) the write
      * is short and the caller's short-write handling applies. */
     struct iovec v[IOV_MAX];
-    int cnt = 0;
-    uint32_t i;
-    size_t within;
-    vec_seek(s->riov, s->nriov, off, &i, &within);
-    uint32_t want = len;
-    while (cnt < IOV_MAX && want > 0 && i < s->nriov) {
-        size_t room = s->riov[i].iov_len - within;
-        size_t take = want < room ? want : room;
-        v[cnt].iov_base = (char *)s->riov[i].iov_base + within;
-        v[cnt].iov_len = take;
-        cnt++;
-        want -= (uint32_t)take;
-        within = 0;
-        i++;
-    }
+    int cnt = vec_window(s->riov, s->nriov, off, len, v, IOV_MAX);
     ssize_t r;
     do {
         /* pwrite for one piece (the common small WRITE): no iovec import. */
@@ -1173,21 +1177,7 @@ int64_t vhs_req_pread(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, int 
     uint32_t done = 0;
     while (done < len) {
         struct iovec v[64];
-        int cnt = 0;
-        uint32_t i;
-        size_t within;
-        iov_seek(s, off + done, &i, &within);
-        uint32_t want = len - done;
-        while (cnt < 64 && want > 0 && i < s->niov) {
-            size_t room = s->iov[i].iov_len - within;
-            size_t take = want < room ? want : room;
-            v[cnt].iov_base = (char *)s->iov[i].iov_base + within;
-            v[cnt].iov_len = take;
-            cnt++;
-            want -= (uint32_t)take;
-            within = 0;
-            i++;
-        }
+        int cnt = vec_window(s->iov, s->niov, off + done, len - done, v, 64);
         ssize_t r = preadv(fd, v, cnt, (off_t)(file_off + done));
         if (r < 0) {
             if (errno == EINTR)
