@@ -425,6 +425,17 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM ``proc`` (a daemon the bench started), wait ``timeout`` s, then SIGKILL and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def median(values: Sequence[float]) -> float:
     if not values:
         raise BenchError("no measurement to take the median of")

@@ -63,7 +63,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (PROJECT_ROOT, BenchError, cache_root, drop_caches, exclusive_lock, human_bytes,  # noqa: E402
-                     is_mountpoint, median, render_table, run, signals_raise, sweep_mounts, unmount)
+                     is_mountpoint, median, render_table, run, signals_raise, stop_process, sweep_mounts,
+                     unmount)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
@@ -233,12 +234,7 @@ class Registry:
                 time.sleep(0.1)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 10)
 
 
 class ShapedLink:
@@ -399,12 +395,7 @@ def start_nydus(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
             explain_fetch(boot, work / "cache")
         return t1 - t0, t_mounted - t0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         unmount(mnt)
 
 
@@ -521,12 +512,7 @@ def start_shared(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[f
             explain_fetch(boot, work / "cache")
         return t1 - t0, t_mounted - t0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         unmount(mnt)
 
 
@@ -587,12 +573,7 @@ def start_guest(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[fl
         in_guest = float(marks[-1][2]) - float(marks[-1][1])
         return host_part + in_guest, host_part
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (PROJECT_ROOT, BenchError, cache_root, cached_dir, drop_caches, median,  # noqa: E402
-                     prepare_tree, ratio, render_table, unmount)
+                     prepare_tree, ratio, render_table, stop_process, unmount)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from nydus_vfs.builder import BuildOptions, build  # noqa: E402
@@ -166,13 +165,7 @@ def _mount_read(image: Path, port: int, log: Path, amplify: int, prefetch: bool,
             raise BenchError(f"read-all failed: {r.stderr.decode(errors='replace')[-400:]}")
         return elapsed, _blob_gets(log) - before
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if os.path.ismount(mnt):
             unmount(mnt)
 
