@@ -25,6 +25,7 @@ from .._version import version_text
 from ..config import load_config_file, localfs_dir_config
 from ..errors import ConfigError, NydusError, TransportError
 from ..utils.logging import setup_logging
+from ..utils.unixsock import probe_unix
 
 __all__ = ["main", "build_parser"]
 
@@ -216,19 +217,10 @@ def _failover_refusal(mountpoint: str, apisock: str | None) -> str | None:
     if not here:
         return None
     top = top_mount(here)
-    if apisock and os.path.exists(apisock):
-        import socket
-
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(apisock)
-        except OSError:
-            return (f"mountpoint {mountpoint} is still mounted ({top.fstype}, source {top.source}) and the API "
-                    f"socket {apisock} is dead: a crashed nydusd left it. Upstream would wait for a "
-                    f"takeover, which this nydusd does not support: unmount it (umount -l) and start again")
-        finally:
-            probe.close()
+    if apisock and os.path.exists(apisock) and probe_unix(apisock) is not None:
+        return (f"mountpoint {mountpoint} is still mounted ({top.fstype}, source {top.source}) and the API "
+                f"socket {apisock} is dead: a crashed nydusd left it. Upstream would wait for a "
+                f"takeover, which this nydusd does not support: unmount it (umount -l) and start again")
     return None  # mount_fuse refuses a mounted mountpoint with its own message
 
 
@@ -284,7 +276,7 @@ async def _serve(args: argparse.Namespace, command: str) -> int:
                 if command == "virtiofs":
                     await daemon.serve_virtiofs(args.sock)
                 else:
-                    await daemon.serve_fuse(args.mountpoint, writable=bool(args.writable))
+                    await daemon.serve_fuse(args.mountpoint)
             except NotReadyError:
                 pass  # a signal arrived during start-up: stop cleanly
             await daemon.wait()

@@ -28,8 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -38,7 +36,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..errors import ConfigError, NydusError
 from ..utils.logging import API_LOG_LEVELS, set_level
-from ..utils.unixsock import listen_unix
+from ..utils.unixsock import listen_unix, remove_unix_socket
+from ._errors import ServiceError
 from .state import DaemonState, UnexpectedEventError
 
 __all__ = ["ApiServer", "MAX_CONNECTIONS", "MAX_LINE", "MAX_BODY"]
@@ -83,8 +82,6 @@ def _debug_str(text: str) -> str:
 
 
 def _daemon_error(exc: BaseException) -> _ApiError:
-    from .daemon import ServiceError
-
     if isinstance(exc, UnexpectedEventError):
         return _ApiError(400, exc.debug_text)
     if isinstance(exc, ServiceError):
@@ -139,14 +136,14 @@ class ApiServer:
         sock = listen_unix(path, flag="--apisock", backlog=64, mode=0o600)
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, max_line_size=MAX_LINE,
-                                     max_field_size=MAX_LINE, keepalive_timeout=_FOREVER, lingering_time=0)
+        # The handler settings (the factory below builds the handlers itself).
+        kwargs: dict[str, Any] = {"max_line_size": MAX_LINE, "max_field_size": MAX_LINE,
+                                  "keepalive_timeout": _FOREVER, "lingering_time": 0, "access_log": None}
+        self._runner = web.AppRunner(app, handle_signals=False, **kwargs)
         await self._runner.setup()
         web_server = self._runner.server
         assert web_server is not None
         loop = asyncio.get_running_loop()
-        kwargs = {"max_line_size": MAX_LINE, "max_field_size": MAX_LINE, "keepalive_timeout": _FOREVER,
-                  "lingering_time": 0, "access_log": None}
 
         def factory() -> asyncio.Protocol:
             if len(web_server.connections) >= MAX_CONNECTIONS:
@@ -163,11 +160,7 @@ class ApiServer:
         if server is not None:
             server.close()
         if self.path is not None:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                    os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            remove_unix_socket(self.path)
             self.path = None
         runner, self._runner = self._runner, None
         if runner is not None:

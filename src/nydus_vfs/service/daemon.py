@@ -80,10 +80,11 @@ FS_TYPES = {"rafs": "rafs", "passthrough": "passthrough_fs", "passthroughfs": "p
 _ALREADY_EXISTS = "object or filesystem already exists"
 
 #: Settings ``PUT /api/v1/config`` accepts (nydus-surface.md §3.6), and the backend
-#: method each is handed to (backends without it keep the value stored only).
-RUNTIME_CONFIG_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
+#: method each is handed to (None, or a backend without it: the value is stored only;
+#: no backend here acts on a Dragonfly scheduler).
 _RUNTIME_SETTERS = {"registry_auth": "set_auth", "proxy_url": "set_proxy_url",
-                    "dragonfly_scheduler_endpoint": "set_scheduler_endpoint"}
+                    "dragonfly_scheduler_endpoint": None}
+RUNTIME_CONFIG_KEYS = tuple(_RUNTIME_SETTERS)
 
 
 def cache_from_config(config: DaemonConfig) -> CacheSpec:
@@ -140,7 +141,6 @@ class _Instance:
     backend_key: Hashable | None
     prefetch_files: list[str] = field(default_factory=list)
     mounted_time: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
-    tasks: set[asyncio.Task] = field(default_factory=set)
     metrics: FsMetrics | None = None
     prefetch: asyncio.Task | None = None
 
@@ -170,7 +170,7 @@ class NydusDaemon:
         self._fuse: _FuseSession | None = None
         self._virtiofs: list[_VirtioFsSession] = []
         self._api = None
-        self._stopped: asyncio.Event | None = None
+        self._stopped = asyncio.Event()   # binds to the running loop on first use
         self._stopping: asyncio.Task | None = None
         self.exit_code = 0
         #: Hot-reloadable settings (``PUT /api/v1/config``): ``"<id>:<key>" -> value``.
@@ -187,13 +187,7 @@ class NydusDaemon:
         log.info("daemon state %s (event %s)", self._machine.state.value, event.value)
         return action
 
-    def _stopped_event(self) -> asyncio.Event:
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
-        return self._stopped
-
     async def __aenter__(self) -> "NydusDaemon":
-        self._stopped_event()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -201,32 +195,35 @@ class NydusDaemon:
 
     async def wait(self) -> None:
         """Return once the daemon is STOPPED (signal, API exit, FUSE session ended, :meth:`stop`)."""
-        await self._stopped_event().wait()
+        await self._stopped.wait()
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
 
     def request_stop(self, reason: str = "") -> None:
         """Start :meth:`stop` from a callback (signal handler, transport end); idempotent."""
-        if self._stopping is None and self.state is not DaemonState.STOPPED:
-            if reason:
-                log.info("stopping: %s", reason)
-            self._stopping = asyncio.ensure_future(self._stop(unmount=True))
+        self._request(True, f"stopping: {reason}" if reason else "")
 
     def request_exit(self) -> None:
         """Start :meth:`exit` from a callback (``PUT /daemon/exit``); idempotent."""
+        self._request(False, "exit requested: stopping without unmounting")
+
+    def _request(self, unmount: bool, message: str) -> None:
         if self._stopping is None and self.state is not DaemonState.STOPPED:
-            log.info("exit requested: stopping without unmounting")
-            self._stopping = asyncio.ensure_future(self._stop(unmount=False))
+            if message:
+                log.info("%s", message)
+            self._stopping = asyncio.ensure_future(self._stop(unmount=unmount))
 
     async def stop(self) -> None:
         """Stop serving, unmount FUSE, release everything; idempotent."""
         self.request_stop()
-        if self._stopping is not None:
-            await asyncio.shield(self._stopping)
+        await self._stopped_too()
 
     async def exit(self) -> None:
         """Stop serving and release everything but leave the FUSE mount in place (hot upgrade)."""
         self.request_exit()
+        await self._stopped_too()
+
+    async def _stopped_too(self) -> None:
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
 
@@ -257,7 +254,7 @@ class NydusDaemon:
             log.exception("error while stopping the daemon")
             self.exit_code = 1
         finally:
-            self._stopped_event().set()
+            self._stopped.set()
 
     # -- mounts ---------------------------------------------------------------------
     def mounts(self) -> dict[str, _Instance]:
@@ -276,17 +273,18 @@ class NydusDaemon:
         _check_prefetch_files(prefetch_files)
         async with self._lock:
             self._check_alive()
-            if self.vfs.instance_at(_norm(mountpoint)) is not None:
+            path = _norm(mountpoint)
+            if self.vfs.instance_at(path) is not None:
                 raise MountError(_ALREADY_EXISTS)
-            inst = await self._open(mountpoint, kind, source, config, prefetch_files)
+            inst = await self._open(path, kind, source, config, prefetch_files)
             try:
-                self.vfs.mount(mountpoint, inst.fs, metrics=inst.metrics)
+                self.vfs.mount(path, inst.fs, metrics=inst.metrics)
             except FsError as exc:
                 await self._release(inst)
                 if exc.errno == errno.EEXIST:
                     raise MountError(_ALREADY_EXISTS) from None
                 raise MountError(f"mount at {mountpoint}: {exc.strerror}") from None
-            self._instances[_norm(mountpoint)] = inst
+            self._instances[path] = inst
             self._after_mount(inst)
 
     async def remount(self, mountpoint: str, source: str, config: str | DaemonConfig | None = None, *,
@@ -309,7 +307,7 @@ class NydusDaemon:
                 raise MountError(f"no filesystem is mounted at {mountpoint}")
             if old.fs_type != "rafs":
                 raise UnsupportedError("remount is only supported for RAFS")
-            inst = await self._open(mountpoint, kind, source, config, prefetch_files)
+            inst = await self._open(path, kind, source, config, prefetch_files)
             try:
                 self.vfs.umount(path)
                 self.vfs.mount(path, inst.fs, metrics=inst.metrics)
@@ -333,10 +331,6 @@ class NydusDaemon:
         inst = self._instances.pop(path)
         with contextlib.suppress(FsError):
             self.vfs.umount(path)
-        for t in list(inst.tasks):
-            t.cancel()
-        if inst.tasks:
-            await asyncio.gather(*inst.tasks, return_exceptions=True)
         await self._release(inst)
         await self._invalidate(path)
         log.info("%s unmounted (%s)", path, inst.source)
@@ -345,16 +339,17 @@ class NydusDaemon:
         if self.state is DaemonState.STOPPED or self._stopping is not None:
             raise NotReadyError("the daemon is stopping")
 
-    async def _open(self, mountpoint: str, kind: str, source: str,
+    async def _open(self, path: str, kind: str, source: str,
                     config: str | DaemonConfig | None, prefetch_files: list[str] | None) -> _Instance:
+        """A new instance for normalised pseudo path ``path`` (not yet in the VFS)."""
         if not isinstance(source, str) or not source:
             raise MountError("source: a mount needs a source path")
         if kind == "passthrough_fs":
-            return await self._open_passthrough(mountpoint, source)
+            return await self._open_passthrough(path, source)
         cfg = _parse_config(config)
         cfg.require_rafs_sections()
         cache = cache_from_config(cfg)
-        _warn_ignored_settings(cfg, mountpoint)
+        _warn_ignored_settings(cfg, path)
         loop = asyncio.get_running_loop()
         try:
             bootstrap = await loop.run_in_executor(None, load_bootstrap, source)
@@ -362,7 +357,7 @@ class NydusDaemon:
             raise MountError(f"bootstrap {source}: {exc.strerror or exc}") from None
         except FormatError as exc:
             raise MountError(f"bootstrap {source} is not a valid RAFS image: {exc}") from None
-        key, backend = await self._acquire_backend(cfg, _norm(mountpoint))
+        key, backend = await self._acquire_backend(cfg, path)
         rafs = cfg.rafs
         validate = bool(rafs.validate) if rafs is not None else False
         xattr = bool(rafs.enable_xattr) if rafs is not None else False
@@ -375,14 +370,13 @@ class NydusDaemon:
             raise MountError(f"blob cache for {source}: {exc}") from None
         fs = RafsFs(bootstrap, device, enable_xattr=xattr, source=source)
         log.info("RAFS v%d %s loaded for %s (%d blobs, digest_validate=%s)", bootstrap.version,
-                 source, mountpoint, len(bootstrap.blobs), validate)
-        path = _norm(mountpoint)
+                 source, path, len(bootstrap.blobs), validate)
         metrics = FsMetrics(path, files=bool(rafs and rafs.iostats_files),
                             access_pattern=bool(rafs and rafs.access_pattern),
                             latest_read_files=bool(rafs and rafs.latest_read_files))
         return _Instance(path, kind, source, fs, cfg, key, list(prefetch_files or ()), metrics=metrics)
 
-    async def _open_passthrough(self, mountpoint: str, source: str) -> _Instance:
+    async def _open_passthrough(self, path: str, source: str) -> _Instance:
         if not self.writable:
             raise UnsupportedError("passthrough_fs needs a daemon serving a writable export (nydusd "
                                    "virtiofs without --bootstrap, or fuse with --shared-dir/--writable)")
@@ -391,8 +385,8 @@ class NydusDaemon:
             fs = await loop.run_in_executor(None, lambda: PassthroughFs.from_path(source, writable=True))
         except ConfigError as exc:
             raise MountError(str(exc)) from None
-        log.info("passthrough_fs %s opened for %s", source, mountpoint)
-        return _Instance(_norm(mountpoint), "passthrough_fs", source, fs, None, None)
+        log.info("passthrough_fs %s opened for %s", source, path)
+        return _Instance(path, "passthrough_fs", source, fs, None, None)
 
     def _after_mount(self, inst: _Instance) -> None:
         """Start what runs beside a fresh instance: its background prefetch."""
@@ -406,7 +400,6 @@ class NydusDaemon:
             return
         task = asyncio.ensure_future(prefetch_rafs(inst.fs, inst.prefetch_files or None, cfg))
         inst.prefetch = task
-        inst.tasks.add(task)
         task.add_done_callback(lambda t: self._prefetch_done(inst, t))
 
     def _prefetch_done(self, inst: _Instance, task: asyncio.Task) -> None:
@@ -427,6 +420,11 @@ class NydusDaemon:
         return await asyncio.shield(inst.prefetch)
 
     async def _release(self, inst: _Instance) -> None:
+        """Close an instance that left the VFS (umount, remount, stop): its prefetch, fs, backend."""
+        task = inst.prefetch
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         fs = inst.fs
         with contextlib.suppress(Exception):
             fs.close()
@@ -492,7 +490,7 @@ class NydusDaemon:
         if self.state is DaemonState.READY:
             self._fire(DaemonEvent.START)
 
-    async def serve_fuse(self, mountpoint: str, *, writable: bool = False) -> None:
+    async def serve_fuse(self, mountpoint: str) -> None:
         """Mount the VFS on ``mountpoint`` over ``/dev/fuse`` and serve it (returns at once).
 
         TransportError when the mount is refused (already mounted, not root...).
@@ -505,8 +503,7 @@ class NydusDaemon:
         from ..transport.fusedev import mount_fuse
 
         loop = asyncio.get_running_loop()
-        readonly = not (writable or self.writable)
-        mount = await loop.run_in_executor(None, lambda: mount_fuse(mountpoint, readonly=readonly))
+        mount = await loop.run_in_executor(None, lambda: mount_fuse(mountpoint, readonly=not self.writable))
         if self._stopping is not None or self.state is DaemonState.STOPPED:
             # A stop came while the kernel was mounting: it could not see this mount.
             await loop.run_in_executor(None, mount.unmount)
@@ -609,7 +606,8 @@ class NydusDaemon:
                 if inst.fs_type != "rafs" or (id and inst.mountpoint != id):
                     continue
                 backend = inst.fs.device.backend
-                setter = getattr(backend, _RUNTIME_SETTERS[key], None)
+                name = _RUNTIME_SETTERS[key]
+                setter = getattr(backend, name, None) if name else None
                 if setter is not None:
                     setter(value)
             log.info("runtime setting %s updated for backend id %r", key, id)

@@ -87,7 +87,6 @@ import errno
 import logging
 import os
 import socket
-import stat
 import struct
 from typing import Any
 
@@ -109,7 +108,7 @@ from .._native.binding import (
 from ..errors import ConfigError, TransportError
 from ..fuse import abi
 from ..fuse.codec import error_reply
-from ..utils.unixsock import listen_unix
+from ..utils.unixsock import listen_unix, remove_unix_socket
 from ..utils.io import FileSegment
 
 __all__ = ["VirtioFsTransport", "serve_virtiofs", "listen_vhost_user", "ShimConfig"]
@@ -751,11 +750,7 @@ class VirtioFsTransport:
             await asyncio.gather(stop_wait, return_exceptions=True)
             listener.close()
             if path is not None:
-                try:
-                    if stat.S_ISSOCK(os.stat(path).st_mode):
-                        os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                remove_unix_socket(path)
 
     async def _serve_connection(self, conn: socket.socket, loop: asyncio.AbstractEventLoop,
                                 stop_wait: asyncio.Future) -> None:

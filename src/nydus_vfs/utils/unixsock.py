@@ -16,9 +16,31 @@ import stat
 
 from ..errors import ConfigError, TransportError
 
-__all__ = ["listen_unix"]
+__all__ = ["listen_unix", "probe_unix", "remove_unix_socket"]
 
 log = logging.getLogger("nydus_vfs")
+
+
+def probe_unix(path: str, timeout: float = 1.0) -> OSError | None:
+    """None when something accepts connections at ``path``, else the error connecting gave."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(timeout)
+        probe.connect(path)
+    except OSError as exc:
+        return exc
+    finally:
+        probe.close()
+    return None
+
+
+def remove_unix_socket(path: str) -> None:
+    """Remove the socket file at ``path`` (our own, on shutdown); anything else there is left alone."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def listen_unix(path: str, *, flag: str, backlog: int, mode: int | None = None) -> socket.socket:
@@ -35,19 +57,13 @@ def listen_unix(path: str, *, flag: str, backlog: int, mode: int | None = None) 
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigError(f"{flag} {path}: exists and is not a socket; refusing to replace it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(1.0)
-            probe.connect(path)
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise TransportError(f"{flag} {path}: cannot tell whether it is in use: {exc.strerror}") from None
-            log.info("replacing stale socket %s", path)
-            os.unlink(path)
-        else:
+        exc = probe_unix(path)
+        if exc is None:
             raise TransportError(f"{flag} {path}: another daemon is serving there")
-        finally:
-            probe.close()
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise TransportError(f"{flag} {path}: cannot tell whether it is in use: {exc.strerror}") from None
+        log.info("replacing stale socket %s", path)
+        os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         if mode is not None:
