@@ -211,7 +211,7 @@ def _install_process_handlers() -> None:
 
 def _failover_refusal(mountpoint: str, apisock: str | None) -> str | None:
     """Why a FUSE start must not go ahead on a mountpoint left by a crashed daemon, or None."""
-    from ..transport.fusedev import mounts_at, resolve_mountpoint, top_mount
+    from ..utils.mountinfo import mounts_at, resolve_mountpoint, top_mount
 
     here = mounts_at(resolve_mountpoint(mountpoint))
     if not here:

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from ..errors import ConvertError
+from ..utils.mountinfo import is_mountpoint
 from ._distribution import Reference, docker_credentials
 
 __all__ = ["NydusdMount", "fuse_mount_reason", "nydusd_command", "nydusd_config", "write_nydusd_config"]
@@ -67,19 +68,6 @@ def fuse_mount_reason() -> str | None:
     return None
 
 
-def _is_mounted(path: str) -> bool:
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4 and fields[4].replace("\\040", " ") == real:
-                    return True
-    except OSError:
-        return False
-    return False
-
-
 class NydusdMount:
     """``nydusd fuse`` serving ``bootstrap`` at ``mountpoint`` for the duration of a ``with`` block.
 
@@ -113,7 +101,7 @@ class NydusdMount:
         except OSError as exc:
             raise ConvertError(f"cannot run nydusd ({self.cmd[0]}): {exc.strerror}") from None
         deadline = time.monotonic() + self.timeout
-        while not _is_mounted(self.mountpoint):
+        while not is_mountpoint(self.mountpoint):
             rc = self.proc.poll()
             if rc is not None:
                 err = (self.proc.stderr.read() if self.proc.stderr else b"").decode(errors="replace").strip()
@@ -138,7 +126,7 @@ class NydusdMount:
                 proc.wait()
             if proc.stderr is not None:
                 proc.stderr.close()
-        if _is_mounted(self.mountpoint):
+        if is_mountpoint(self.mountpoint):
             subprocess.run(["umount", "-l", self.mountpoint], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
 

@@ -5,7 +5,7 @@ Order of events: :func:`mount_fuse` opens ``/dev/fuse`` and mounts it (source
 nydusd); :class:`FuseDevTransport` then reads one request per ``read(2)`` on the
 event loop, hands the bytes to ``FuseServer.handle`` and writes the reply; it ends
 when the kernel reports ENODEV (someone unmounted us) or :meth:`stop` is called,
-after which :func:`unmount_fuse` detaches the mount.
+after which :meth:`FuseMount.unmount` detaches the mount.
 
 The FUSE server never sees the fd: this module is the only place that does
 ``/dev/fuse`` I/O, so the same server serves virtio-fs unchanged.
@@ -32,15 +32,16 @@ import errno
 import fcntl
 import logging
 import os
-import re
 import stat as _stat
 import struct
 import termios
-from typing import NamedTuple
 
 from ..errors import TransportError
+from ..fuse import abi
 from ..fuse.codec import OutHeader, error_reply
 from ..fuse.ops import FileSegment
+from ..utils.mountinfo import (MountInfo, is_mountpoint, mounts_at, parse_mountinfo, resolve_mountpoint,
+                               top_mount)
 
 __all__ = [
     "FuseDevTransport",
@@ -78,73 +79,6 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _PIPE_MAX_SIZE = "/proc/sys/fs/pipe-max-size"
 _FIONREAD_BUF = struct.Struct("i")
-
-
-class MountInfo(NamedTuple):
-    """One line of ``/proc/self/mountinfo`` (proc(5)): the fields we rely on."""
-
-    mount_id: int
-    parent_id: int
-    dev: str            # "major:minor"
-    mountpoint: str     # octal escapes (\\040 ...) decoded
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def parse_mountinfo(text: str) -> list[MountInfo]:
-    """Parse mountinfo text (sans-IO); malformed lines are skipped."""
-    out = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        f = left.split()
-        r = right.split()
-        if not sep or len(f) < 5 or len(r) < 2:
-            continue
-        try:
-            out.append(MountInfo(int(f[0]), int(f[1]), f[2], _unescape(f[4]), r[0], _unescape(r[1])))
-        except ValueError:
-            continue
-    return out
-
-
-def mounts_at(path: str) -> list[MountInfo]:
-    """Every mount whose mount point is ``path`` (an absolute, resolved path), bottom first.
-
-    Reads ``/proc/self/mountinfo`` only: nothing here stats ``path``, so asking
-    never sends a request to a FUSE daemon serving it (possibly ourselves).
-    """
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-    except OSError as exc:
-        raise TransportError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
-    return [m for m in parse_mountinfo(text) if m.mountpoint == path]
-
-
-def top_mount(mounts: list[MountInfo]) -> MountInfo | None:
-    """The mount visible at a path: the one no other mount at that path sits on."""
-    parents = {m.parent_id for m in mounts}
-    for m in reversed(mounts):
-        if m.mount_id not in parents:
-            return m
-    return mounts[-1] if mounts else None
-
-
-def resolve_mountpoint(mountpoint: str) -> str:
-    """Canonical absolute path of ``mountpoint`` without touching its last component.
-
-    The parent is resolved with realpath; the last component is only joined, so
-    a mountpoint served by a live (or hung) FUSE daemon is never stat'ed here.
-    """
-    path = os.path.abspath(os.fspath(mountpoint))
-    parent, name = os.path.split(path)
-    if not name:  # "/"
-        return path
-    return os.path.join(os.path.realpath(parent), name)
 
 
 class FuseMount:
@@ -258,7 +192,8 @@ def notify_inval_entry(fd: int, parent: int, name: bytes) -> bool:
     the kernel did not know the entry (ENOENT) or the session is gone.
     """
     payload = struct.pack("<QII", parent, len(name), 0) + name + b"\0"
-    header = struct.pack("<IiQ", 16 + len(payload), _FUSE_NOTIFY_INVAL_ENTRY, 0)
+    # A notification is a reply with unique 0 whose error field carries the code.
+    header = abi.fuse_out_header.pack(abi.fuse_out_header.size + len(payload), _FUSE_NOTIFY_INVAL_ENTRY, 0)
     try:
         os.write(fd, header + payload)
     except OSError as exc:
@@ -266,14 +201,6 @@ def notify_inval_entry(fd: int, parent: int, name: bytes) -> bool:
             log.warning("FUSE notify inval_entry(%d, %r) failed: %s", parent, name, exc)
         return False
     return True
-
-
-def is_mountpoint(path: str) -> bool:
-    """True when something is mounted at ``path`` (mountinfo only: never stats it)."""
-    try:
-        return bool(mounts_at(resolve_mountpoint(path)))
-    except TransportError:
-        return False
 
 
 def _eio_reply(reply: list) -> bytes:
