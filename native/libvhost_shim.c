@@ -1033,8 +1033,9 @@ static struct slot *inflight_slot(vhs_dev *d, uint32_t qi, uint16_t head, struct
     return &q->slots[head];
 }
 
-/* Walk an iovec array to byte offset off: index and offset within it. */
-static bool vec_seek(const struct iovec *v, uint32_t n, uint32_t off, uint32_t *idx, size_t *within)
+/* Walk an iovec array to byte offset off: index and offset within it (the
+ * callers have checked that off lies inside the array). */
+static void vec_seek(const struct iovec *v, uint32_t n, uint32_t off, uint32_t *idx, size_t *within)
 {
     uint32_t i = 0;
     while (i < n && off >= v[i].iov_len) {
@@ -1043,7 +1044,15 @@ static bool vec_seek(const struct iovec *v, uint32_t n, uint32_t off, uint32_t *
     }
     *idx = i;
     *within = off;
-    return i < n || off == 0;
+}
+
+/* 0 when a file range of len bytes may start at file_off (off_t can hold its
+ * end), else -EINVAL with the reason recorded. */
+static int check_file_off(vhs_dev *d, int64_t file_off, uint32_t len)
+{
+    if (file_off < 0 || (uint64_t)file_off > (uint64_t)INT64_MAX - len)
+        return fail(d, EINVAL, "file offset %" PRId64 " is invalid", file_off);
+    return 0;
 }
 
 /* The pieces of the iovec list v (n entries) that cover [off, off + len),
@@ -1129,8 +1138,8 @@ int64_t vhs_req_pwrite_in(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, 
     struct slot *s = readable_range(d, qi, head, off, len, "pwrite");
     if (!s)
         return -EINVAL;
-    if (file_off < 0 || (uint64_t)file_off > (uint64_t)INT64_MAX - len)
-        return fail(d, EINVAL, "file offset %" PRId64 " is invalid", file_off);
+    if (check_file_off(d, file_off, len) < 0)
+        return -EINVAL;
     /* One system call, as a write(2) would be: past IOV_MAX pieces (only a
      * guest that splits its data into tiny descriptors gets there) the write
      * is short and the caller's short-write handling applies. */
@@ -1172,8 +1181,8 @@ int64_t vhs_req_pread(vhs_dev *d, uint32_t qi, uint16_t head, uint32_t off, int 
     if (off > s->out_cap || len > s->out_cap - off)
         return fail(d, EMSGSIZE, "queue %u head %u: read of %u bytes at %u exceeds %u writable", qi,
                     head, len, off, s->out_cap);
-    if (file_off < 0 || (uint64_t)file_off > (uint64_t)INT64_MAX - len)
-        return fail(d, EINVAL, "file offset %" PRId64 " is invalid", file_off);
+    if (check_file_off(d, file_off, len) < 0)
+        return -EINVAL;
     uint32_t done = 0;
     while (done < len) {
         struct iovec v[64];

@@ -47,6 +47,7 @@ __all__ = [
     "Device",
     "StatProbe",
     "VIEW_MIN",
+    "is_plain",
     "EV_QUEUES",
     "EV_DEFERRED",
     "EV_LOG",
@@ -261,6 +262,17 @@ class QueueInfo:
     stopping: bool
 
 
+def is_plain(flags: int, in_len: int) -> bool:
+    """Whether a popped request's data is handed over as ``bytes`` (else as a view).
+
+    Large copies (WRITE data, when max_copy_bytes lets the shim copy it) are
+    handed over as a view of the shim's private copy instead of a second copy
+    in Python; it lives until push.  So is the prefix of a flagged (PARTIAL,
+    OVERSIZE) request, of which the caller typically needs 80 bytes.
+    """
+    return not flags and in_len <= VIEW_MIN
+
+
 class Device:
     """One vhost-user connection served by the C shim.
 
@@ -358,15 +370,11 @@ class Device:
         first ``max_copy_bytes`` of ``in_total`` readable bytes: the rest is
         reached with :meth:`read_in` / :meth:`pwrite_in` until the push.
         """
-        n_max = self.batch if max_requests is None else min(max_requests, self.batch)
-        reqs = self._reqs
-        n = lib.vhs_queue_pop(self._dev, q, reqs, n_max, self._status)
-        if n < 0:
-            _check(n, self._dev)
+        reqs, n, status = self.pop_raw(q, max_requests)
         request = self.request
-        return [request(reqs[i]) for i in range(n)], self._status[0]
+        return [request(reqs[i]) for i in range(n)], status
 
-    def pop_raw(self, q: int) -> tuple[Any, int, int]:
+    def pop_raw(self, q: int, max_requests: int | None = None) -> tuple[Any, int, int]:
         """The hot-path :meth:`pop`: ``(reqs, n, status)`` without building tuples.
 
         ``reqs`` is the cffi array of ``struct vhs_req`` (``head``, ``data``,
@@ -374,10 +382,12 @@ class Device:
         requests; it is overwritten by the next pop on this device, so read
         what you need first.  ``ffi.unpack(r.data, r.in_len)`` is the data as
         :meth:`pop` gives it when ``r.flags`` is 0 and ``r.in_len <= VIEW_MIN``;
-        :meth:`request` gives any request exactly as :meth:`pop` would.
+        :meth:`request` gives any request exactly as :meth:`pop` would
+        (:func:`is_plain` says which need it).
         """
+        n_max = self.batch if max_requests is None else min(max_requests, self.batch)
         reqs = self._reqs
-        n = lib.vhs_queue_pop(self._dev, q, reqs, self.batch, self._status)
+        n = lib.vhs_queue_pop(self._dev, q, reqs, n_max, self._status)
         if n < 0:
             _check(n, self._dev)
         return reqs, n, self._status[0]
@@ -387,12 +397,9 @@ class Device:
         """One popped ``struct vhs_req`` as :meth:`pop` returns it: (head, data, out_cap, flags, in_total)."""
         ln = r.in_len
         flags = r.flags
-        # Large copies (WRITE data, when max_copy_bytes lets the shim copy it)
-        # are handed over as a view of the shim's private copy instead of a
-        # second copy in Python; it lives until push.  So is the prefix of
-        # a PARTIAL request, of which the caller typically needs 80 bytes.
-        data = ffi.unpack(r.data, ln) if ln <= VIEW_MIN and not flags else ffi.buffer(r.data, ln)
+        data = ffi.unpack(r.data, ln) if is_plain(flags, ln) else ffi.buffer(r.data, ln)
         return r.head, data, r.out_cap, flags, r.in_total
+
 
     def complete(self, q: int, head: int, data: Any) -> None:
         """Write ``data`` (bytes-like) at offset 0 and push the chain with its length."""

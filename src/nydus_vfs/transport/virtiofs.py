@@ -98,12 +98,12 @@ from .._native.binding import (
     POP_BROKEN,
     POP_THROTTLED,
     REQ_OVERSIZE,
-    VIEW_MIN,
     Device,
     FrontendDisconnected,
     ReplyTooLargeError,
     ShimConfig,
     ShimUsageError,
+    is_plain,
 )
 from ..errors import ConfigError, TransportError
 from ..fuse import abi
@@ -458,7 +458,7 @@ class _Connection:
             for i in range(n):
                 r = reqs[i]
                 ln = r.in_len
-                if r.flags or ln > VIEW_MIN:
+                if not is_plain(r.flags, ln):
                     handle(q, *request(r))
                     continue
                 # The common case inlined (a small GETATTR costs a few microseconds
@@ -547,9 +547,13 @@ class _Connection:
         """A bytes reply that ``vhs_req_complete`` refused: log it as :meth:`_send` would."""
         try:
             self.dev.raise_for(rc)
-        except ReplyTooLargeError as exc:          # pushed with length 0 by the shim
-            self.note(logging.ERROR, "queue %d: %s (FUSE server bug)", q, exc)
         except TransportError as exc:
+            self._complete_error(q, head, exc)
+
+    def _complete_error(self, q: int, head: int, exc: TransportError) -> None:
+        if isinstance(exc, ReplyTooLargeError):    # the shim pushed it with length 0
+            self.note(logging.ERROR, "queue %d: %s (FUSE server bug)", q, exc)
+        else:
             self.note(logging.ERROR, "queue %d head %d: cannot complete the request: %s", q, head, exc)
 
     def _dispatch(self, q: int, head: int, reply: Any, data: Any) -> None:
@@ -612,10 +616,8 @@ class _Connection:
                 dev.complete(q, head, reply)
             else:
                 self._send_parts(q, head, reply, data)
-        except ReplyTooLargeError as exc:
-            self.note(logging.ERROR, "queue %d: %s (FUSE server bug)", q, exc)
         except TransportError as exc:
-            self.note(logging.ERROR, "queue %d head %d: cannot complete the request: %s", q, head, exc)
+            self._complete_error(q, head, exc)
         except Exception:
             # A malformed reply (server bug): the chain must still go back, or
             # the next GET_VRING_BASE would wait for it forever.
