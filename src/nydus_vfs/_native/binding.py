@@ -400,7 +400,6 @@ class Device:
         data = ffi.unpack(r.data, ln) if is_plain(flags, ln) else ffi.buffer(r.data, ln)
         return r.head, data, r.out_cap, flags, r.in_total
 
-
     def complete(self, q: int, head: int, data: Any) -> None:
         """Write ``data`` (bytes-like) at offset 0 and push the chain with its length."""
         if type(data) is not bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def test_mountinfo_parsing_and_the_visible_mount():
     from nydus_vfs.utils.mountinfo import parse_mountinfo, top_mount
 
