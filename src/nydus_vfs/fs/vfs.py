@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from ..errors import FsError
+from ..fuse import abi
 from ..fuse.ops import (
     ROOT_ID,
     Attr,
@@ -53,7 +54,7 @@ from ..fuse.ops import (
     WriteData,
 )
 from ._seam import FileSystem
-from .metrics import FOP_INDEX, FsMetrics
+from .metrics import FOPS, FsMetrics
 
 __all__ = ["Vfs", "MAX_INSTANCES", "normalize_pseudo_path"]
 
@@ -74,13 +75,11 @@ _NO_CTX = Context()
 _LOOKUP_CACHE_MAX = 1 << 20
 
 # FUSE opcode -> index in upstream's FOP counters (fs/metrics.py); -1: not counted.
+# Every counter is named after its opcode.
 _FOP_MAP = [-1] * 64
-for _opcode, _name in ((1, "lookup"), (2, "forget"), (3, "getattr"), (5, "readlink"), (14, "open"),
-                       (15, "read"), (17, "statfs"), (18, "release"), (22, "getxattr"), (23, "listxattr"),
-                       (27, "opendir"), (28, "readdir"), (34, "access"), (42, "batch_forget"),
-                       (44, "readdirplus")):
-    _FOP_MAP[_opcode] = FOP_INDEX[_name]
-del _opcode, _name
+for _index, _name in enumerate(FOPS):
+    _FOP_MAP[abi.Opcode[_name.upper()]] = _index
+del _index, _name
 
 
 def _data_len(data) -> int:
@@ -138,8 +137,8 @@ class Vfs(Operations):
         self._mutable_getattr: dict[int, Callable[[int, int | None, Context], Attr]] = {}
         self._metrics: dict[int, FsMetrics] = {}
         # Per-instance FUSE request counters handed to the server (counters()).
-        self._hits: list[list[int]] = [[0] * len(FOP_INDEX) for _ in range(MAX_INSTANCES + 1)]
-        self._errs: list[list[int]] = [[0] * len(FOP_INDEX) for _ in range(MAX_INSTANCES + 1)]
+        self._hits: list[list[int]] = [[0] * len(FOPS) for _ in range(MAX_INSTANCES + 1)]
+        self._errs: list[list[int]] = [[0] * len(FOPS) for _ in range(MAX_INSTANCES + 1)]
         self._paths: dict[int, str] = {}
         self._free = deque(range(1, MAX_INSTANCES + 1))
         self._root_index: int | None = None
@@ -184,7 +183,7 @@ class Vfs(Operations):
         if not fs.immutable:
             self._mutable_getattr[idx] = fs.getattr
         self._metrics[idx] = metrics if metrics is not None else FsMetrics(path)
-        self._paths[idx] = "/" + "/".join(p.decode() for p in parts)
+        self._paths[idx] = normalize_pseudo_path(path)
         node.mount = idx
         if node is self._root:
             self._root_index = idx
@@ -235,13 +234,15 @@ class Vfs(Operations):
         for the root.
         """
         parts = _split(path)
-        node = self._root
+        if not parts:
+            return None, b""
+        node = parent = self._root
         for part in parts:
             child = node.children.get(part)
             if child is None:
                 return node.ino, part
-            node = child
-        return self.parent_entry(path)
+            parent, node = node, child
+        return parent.ino, parts[-1]
 
     def parent_entry(self, path: str) -> tuple[int | None, bytes]:
         """(nodeid of the pseudo parent, name) of ``path``, as the kernel knows them.
@@ -486,9 +487,7 @@ class Vfs(Operations):
         fs, local = self._resolve(nodeid)
         if fs is None:
             raise FsError(errno.EISDIR)
-        m = self._metrics.get(nodeid >> _INDEX_SHIFT or self._index_of(nodeid))
-        if m is None:
-            return await fs.read(local, fh, offset, size, ctx)
+        m = self._metrics[self._index_of(nodeid)]   # every mounted instance has its metrics
         started = time.perf_counter_ns()
         data = await fs.read(local, fh, offset, size, ctx)
         m.read(local, _data_len(data), time.perf_counter_ns() - started)
@@ -504,8 +503,8 @@ class Vfs(Operations):
         for idx in range(MAX_INSTANCES + 1):
             m = self._metrics.get(idx) if idx else (self._metrics.get(self._root_index)
                                                      if self._root_index is not None else None)
-            self._hits[idx] = m.fop_hits if m is not None else [0] * len(FOP_INDEX)
-            self._errs[idx] = m.fop_errors if m is not None else [0] * len(FOP_INDEX)
+            self._hits[idx] = m.fop_hits if m is not None else [0] * len(FOPS)
+            self._errs[idx] = m.fop_errors if m is not None else [0] * len(FOPS)
 
     def flush(self, nodeid: int, fh: int, lock_owner: int) -> None:
         if not self.writable:

@@ -386,7 +386,7 @@ class FuseServer:
         if opcode < len(self._fopmap):
             fop = self._fopmap[opcode]
             if fop >= 0:
-                table[(nodeid >> 56) & 0xFF][fop] += 1
+                table[nodeid >> 56][fop] += 1
 
     def inflight(self) -> list[dict]:
         """Requests waiting for the filesystem, as ``/api/v1/metrics/inflight`` lists them."""
