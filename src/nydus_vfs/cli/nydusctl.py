@@ -22,6 +22,8 @@ import time
 import urllib.parse
 from typing import Any, TextIO
 
+from ..utils.fops import FOPS
+
 __all__ = ["main", "ApiClient", "ApiCallError"]
 
 
@@ -125,14 +127,10 @@ def _print_cache(m: dict, out: TextIO) -> None:
             ("All data cached", "yes" if m.get("data_all_ready") else "no")], out)
 
 
-_FOPS = ("getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
-         "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget")
-
-
 def _print_fsstats(m: dict, out: TextIO) -> None:
     _table([("ID", m.get("id")), ("Opens", m.get("nr_opens", 0)), ("Data read", _size(m.get("data_read", 0)))], out)
     out.write(f"\n{'FOP':<14} {'HITS':>10} {'ERRORS':>8}\n")
-    for name, hits, errors in zip(_FOPS, m.get("fop_hits", []), m.get("fop_errors", [])):
+    for name, hits, errors in zip(FOPS, m.get("fop_hits", []), m.get("fop_errors", [])):
         if hits or errors:
             out.write(f"{name:<14} {hits:>10} {errors:>8}\n")
 

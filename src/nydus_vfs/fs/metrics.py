@@ -23,11 +23,10 @@ import time
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
+from ..utils.fops import FOPS
+
 __all__ = ["FOPS", "FOP_INDEX", "FsMetrics", "SIZE_BUCKETS", "LATENCY_BUCKETS_US"]
 
-#: Upstream's StatsFop order: the index of each op in ``fop_hits``/``fop_errors``.
-FOPS = ("getattr", "readlink", "open", "release", "read", "statfs", "getxattr", "listxattr",
-        "opendir", "lookup", "readdir", "readdirplus", "access", "forget", "batch_forget")
 FOP_INDEX = {name: i for i, name in enumerate(FOPS)}
 #: Upper bounds of the read-size buckets (<1K, <4K, <16K, <64K, <128K, <512K, <1M, >=1M).
 SIZE_BUCKETS = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20)
