@@ -575,12 +575,15 @@ class BlobDevice:
             return True
         if not 0 <= index < len(self._states):
             return False
-        state = self._states[index]
+        try:
+            return self._state_has(self._states[index], chunk)
+        except StorageError:
+            return False
+
+    def _state_has(self, state: _BlobState, chunk: ChunkInfo) -> bool:
+        """Whether blob state ``state`` holds ``chunk``; StorageError for an index its map cannot hold."""
         if state.cache is not None:
-            try:
-                return state.cache.is_cached(chunk)
-            except StorageError:
-                return False
+            return state.cache.is_cached(chunk)
         return (state.key, chunk.uncompressed_offset, chunk.uncompressed_size) in self._layer._lru
 
     def has_file_cache(self, index: int) -> bool:
@@ -605,20 +608,18 @@ class BlobDevice:
         if not 0 <= index < len(self._states):
             raise StorageError(f"blob index {index} out of range (the image has {len(self._states)} blobs)")
         blob = self.blobs[index]
-        flights = self._states[index].flights
+        state = self._states[index]
+        flights = state.flights
         claimed = []
-        cache = self._states[index].cache
         for chunk in chunks:
             if chunk.blob_index != index:
                 continue
             try:
                 check_chunk(blob, chunk)
-                if cache is not None and cache.is_cached(chunk):  # raises for an index outside the map
+                if self._state_has(state, chunk):  # raises for an index outside the map
                     continue
             except StorageError as exc:
                 self._report(index, chunk, exc)
-                continue
-            if cache is None and self.is_cached(chunk):
                 continue
             flight = flights.try_lead((chunk.uncompressed_offset, chunk.uncompressed_size))
             if flight is not None:

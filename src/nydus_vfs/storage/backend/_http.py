@@ -441,11 +441,12 @@ class HttpClientBackend(BlobBackend):
 
     needs_task = True
 
-    def __init__(self, cfg: Any, *, client_name: str, retry: RetryPolicy | None = None,
+    def __init__(self, cfg: Any, *, client_name: str | None = None, retry: RetryPolicy | None = None,
                  unix_socket: str | None = None) -> None:
         super().__init__(retry=retry if retry is not None else RetryPolicy(retry_limit=cfg.retry_limit))
         self.cfg = cfg
-        self._client = HttpClient(HttpSettings.from_config(cfg), name=client_name, unix_socket=unix_socket)
+        self._client = HttpClient(HttpSettings.from_config(cfg), name=client_name or f"{self.type_name} backend",
+                                  unix_socket=unix_socket)
 
     def set_proxy_url(self, url: str) -> None:
         """Send requests through proxy ``url`` from now on ("" = direct)."""

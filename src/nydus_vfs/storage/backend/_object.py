@@ -13,16 +13,13 @@ from collections.abc import Hashable
 
 from ...errors import BackendError
 from ._http import HttpClientBackend, read_range, redact_url
-from .base import RetryPolicy, backend_error_from_http_status
+from .base import backend_error_from_http_status
 
 __all__ = ["HttpBlobBackend"]
 
 
 class HttpBlobBackend(HttpClientBackend):
     """Blobs at ``self._url(blob_id)``, requests signed by ``self._sign``."""
-
-    def __init__(self, cfg, *, retry: RetryPolicy | None = None, unix_socket: str | None = None) -> None:
-        super().__init__(cfg, client_name=f"{self.type_name} backend", retry=retry, unix_socket=unix_socket)
 
     @property
     def identity(self) -> Hashable:
