@@ -22,12 +22,13 @@ import os
 import ssl
 import time
 from email.utils import formatdate
-from urllib.parse import quote, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 from ..config import OssConfig, S3Config, parse_daemon_config
 from ..errors import ConfigError, ConvertError
-from ..storage.backend.oss import oss_signature, oss_string_to_sign
-from ..storage.backend.s3 import EMPTY_SHA256, sigv4_authorization
+from ..storage.backend.oss import oss_object_url, oss_signature, oss_string_to_sign
+from ..storage.backend.s3 import EMPTY_SHA256, s3_object_url, sigv4_authorization
 
 __all__ = ["ObjectBlobStore", "S3BlobStore", "OssBlobStore", "object_store_from_config"]
 
@@ -72,11 +73,15 @@ class ObjectBlobStore:
     def type(self) -> str:
         return self.name
 
-    def _key(self, blob_digest: str) -> str:
+    def _blob_id(self, blob_digest: str) -> str:
+        """The blob id nydusd names the object by: the digest's hex part."""
         algo, _, hexd = blob_digest.partition(":")
         if algo != "sha256" or len(hexd) != 64:
             raise ConvertError(f"{self.name}: {blob_digest!r} is not a sha256 digest")
-        return self.cfg.object_prefix + hexd
+        return hexd
+
+    def _key(self, blob_digest: str) -> str:
+        return self.cfg.object_prefix + self._blob_id(blob_digest)
 
     def url(self, blob_digest: str) -> str:
         raise NotImplementedError
@@ -85,7 +90,8 @@ class ObjectBlobStore:
         raise NotImplementedError
 
     def _request(self, method: str, blob_digest: str, *, body_path: str | None = None,
-                 payload_hash: str = EMPTY_SHA256, sink: str | None = None) -> tuple[int, bytes]:
+                 payload_hash: str = EMPTY_SHA256, sink: str | None = None,
+                 hasher: Any = None) -> tuple[int, bytes]:
         url = self.url(blob_digest)
         parts = urlsplit(url)
         headers = {"Host": parts.netloc}
@@ -108,6 +114,8 @@ class ObjectBlobStore:
                 with open(sink, "wb") as out:
                     while piece := resp.read(1 << 20):
                         out.write(piece)
+                        if hasher is not None:
+                            hasher.update(piece)
                 return resp.status, b""
             return resp.status, resp.read()
         except (OSError, http.client.HTTPException) as exc:
@@ -137,13 +145,10 @@ class ObjectBlobStore:
 
     def fetch(self, blob_digest: str, dest: str) -> None:
         """Download the blob into ``dest``, checking its sha256 against ``blob_digest``."""
-        status, body = self._request("GET", blob_digest, sink=dest)
+        h = hashlib.sha256()   # hashed as it is written: the file is not read back
+        status, body = self._request("GET", blob_digest, sink=dest, hasher=h)
         if status != 200:
             raise self._fail("GET", blob_digest, status, body)
-        h = hashlib.sha256()
-        with open(dest, "rb") as f:
-            while piece := f.read(1 << 20):
-                h.update(piece)
         if "sha256:" + h.hexdigest() != blob_digest:
             raise ConvertError(f"{self.name}: object {self._key(blob_digest)} does not match its digest")
 
@@ -153,13 +158,8 @@ class S3BlobStore(ObjectBlobStore):
 
     name = "s3"
 
-    def __init__(self, cfg: S3Config) -> None:
-        super().__init__(cfg)
-        self.endpoint = cfg.endpoint or f"s3.{cfg.region}.amazonaws.com"
-
     def url(self, blob_digest: str) -> str:
-        key = quote(self._key(blob_digest), safe="/-_.~")
-        return f"{self.scheme}://{self.endpoint}/{quote(self.cfg.bucket_name, safe='-_.~')}/{key}"
+        return s3_object_url(self.cfg, self._blob_id(blob_digest))
 
     def _sign(self, method: str, blob_digest: str, parts, headers: dict[str, str], payload_hash: str) -> None:
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -180,7 +180,7 @@ class OssBlobStore(ObjectBlobStore):
     name = "oss"
 
     def url(self, blob_digest: str) -> str:
-        return f"{self.scheme}://{self.cfg.bucket_name}.{self.cfg.endpoint}/{quote(self._key(blob_digest))}"
+        return oss_object_url(self.cfg, self._blob_id(blob_digest))
 
     def _sign(self, method: str, blob_digest: str, parts, headers: dict[str, str], payload_hash: str) -> None:
         headers["Date"] = formatdate(usegmt=True)

@@ -40,6 +40,15 @@ def oss_signature(secret: str, string_to_sign: str) -> str:
     return base64.b64encode(mac.digest()).decode()
 
 
+def oss_object_url(cfg: OssConfig, blob_id: str) -> str:
+    """Where blob ``blob_id`` lives (virtual-host style: ``<bucket>.<endpoint>/<object_prefix><blob_id>``).
+
+    One place for nydusd's reads and nydusify's pushes, so they agree.
+    """
+    scheme = "http" if cfg.scheme == "http" else "https"
+    return f"{scheme}://{cfg.bucket_name}.{cfg.endpoint}/{quote(cfg.object_prefix + blob_id)}"
+
+
 class OssBackend(HttpBlobBackend):
     """Blobs from an OSS bucket; see the module docstring."""
 
@@ -58,7 +67,7 @@ class OssBackend(HttpBlobBackend):
         return self.cfg.object_prefix + blob_id
 
     def _url(self, blob_id: str) -> str:
-        return f"{self.scheme}://{self.cfg.bucket_name}.{self.cfg.endpoint}/{quote(self._key(blob_id))}"
+        return oss_object_url(self.cfg, blob_id)
 
     def _sign(self, method: str, blob_id: str, url: str, headers: dict[str, str]) -> dict[str, str]:
         date = formatdate(usegmt=True)

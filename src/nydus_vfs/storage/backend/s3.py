@@ -49,6 +49,21 @@ def sigv4_authorization(*, method: str, canonical_uri: str, canonical_query: str
     return f"AWS4-HMAC-SHA256 Credential={access_key_id}/{scope}, SignedHeaders={signed}, Signature={signature}"
 
 
+def s3_endpoint(cfg: S3Config) -> str:
+    """The endpoint of ``cfg``: its own, else AWS's for its region."""
+    return cfg.endpoint or f"s3.{cfg.region}.amazonaws.com"
+
+
+def s3_object_url(cfg: S3Config, blob_id: str) -> str:
+    """Where blob ``blob_id`` lives (path style: ``<endpoint>/<bucket>/<object_prefix><blob_id>``).
+
+    One place for nydusd's reads and nydusify's pushes, so they agree.
+    """
+    scheme = "http" if cfg.scheme == "http" else "https"
+    key = quote(cfg.object_prefix + blob_id, safe="/-_.~")
+    return f"{scheme}://{s3_endpoint(cfg)}/{quote(cfg.bucket_name, safe='-_.~')}/{key}"
+
+
 class S3Backend(HttpBlobBackend):
     """Blobs from an S3 bucket; see the module docstring."""
 
@@ -58,7 +73,7 @@ class S3Backend(HttpBlobBackend):
     def __init__(self, cfg: S3Config, *, retry: RetryPolicy | None = None) -> None:
         super().__init__(cfg, retry=retry)
         self.scheme = "http" if cfg.scheme == "http" else "https"
-        self.endpoint = cfg.endpoint or f"s3.{cfg.region}.amazonaws.com"
+        self.endpoint = s3_endpoint(cfg)
         self._key_id = cfg.access_key_id
         self._secret = cfg.access_key_secret
 
@@ -66,8 +81,7 @@ class S3Backend(HttpBlobBackend):
         return (self.scheme, self.endpoint, self.cfg.region, self.cfg.bucket_name, self.cfg.object_prefix)
 
     def _url(self, blob_id: str) -> str:
-        key = quote(self.cfg.object_prefix + blob_id, safe="/-_.~")
-        return f"{self.scheme}://{self.endpoint}/{quote(self.cfg.bucket_name, safe='-_.~')}/{key}"
+        return s3_object_url(self.cfg, blob_id)
 
     def _sign(self, method: str, blob_id: str, url: str, headers: dict[str, str]) -> dict[str, str]:
         if not self._key_id:
