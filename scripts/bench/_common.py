@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import statistics
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -423,6 +424,13 @@ def children_cpu_seconds() -> float:
 
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -49,7 +49,6 @@ import argparse
 import asyncio
 import gzip
 import hashlib
-import http.client
 import json
 import os
 import shutil
@@ -62,9 +61,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PROJECT_ROOT, BenchError, cache_root, drop_caches, exclusive_lock, human_bytes,  # noqa: E402
-                     is_mountpoint, median, render_table, run, signals_raise, stop_process, sweep_mounts,
-                     unmount)
+from _common import (BenchError, PROJECT_ROOT, cache_root, drop_caches, exclusive_lock, free_port,  # noqa: E402
+                     human_bytes, is_mountpoint, median, render_table, run, signals_raise,
+                     stop_process, sweep_mounts, unmount)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 
@@ -204,15 +203,9 @@ def prepare_image(log=log) -> tuple[Path, dict]:
 
 # -- the registry and the shaped link ---------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Registry:
     def __init__(self, root: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         root.mkdir(parents=True, exist_ok=True)
         (root / "config.yml").write_text(
@@ -447,32 +440,10 @@ def explain_fetch(boot: Path, cache: Path, top: int = 15) -> None:
         log(f"      {human_bytes(got):>10} ({n} chunks, {human_bytes(size)} uncompressed)  {path}")
 
 
-class _UnixHTTP(http.client.HTTPConnection):
-    """http.client over nydusd's API socket."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost", timeout=60)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(self._path)
-
-
-def _api(sock: Path, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = _UnixHTTP(str(sock))
-    try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 def start_shared(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[float, float]:
     """(b2): nydus-snapshotter's shared mode: one ``nydusd fuse`` already runs (started before
     the clock), the image is mounted into it through the HTTP API; (seconds to output, to mounted)."""
+    from nydus_vfs.cli.nydusctl import ApiCallError, ApiClient
     from nydus_vfs.convert import fetch_nydus_bootstrap
 
     boot = work / "image.boot"
@@ -492,20 +463,20 @@ def start_shared(link: ShapedLink, work: Path, image: str, repo: str) -> tuple[f
                                  f"{proc.stderr.read().decode(errors='replace').strip()[-500:]}")
             if is_mountpoint(mnt) and api.exists():
                 try:
-                    if _api(api, "GET", "/api/v1/daemon")[0] == 200:
-                        break
-                except OSError:
+                    ApiClient(str(api), timeout=60).call("GET", "/api/v1/daemon")
+                    break
+                except (OSError, ApiCallError):
                     pass
             if time.monotonic() > deadline:
                 raise BenchError("the shared nydusd did not come up within 60 s")
             time.sleep(0.01)
         t0 = time.monotonic()
         asyncio.run(fetch_nydus_bootstrap(f"{link.host}/{image}", str(boot), plain_http=True))
-        body = json.dumps({"source": str(boot), "fs_type": "rafs",
-                           "config": (work / "nydusd.json").read_text()}).encode()
-        status, text = _api(api, "POST", "/api/v1/mount?mountpoint=/lazy", body)
-        if status != 204:
-            raise BenchError(f"POST /api/v1/mount answered {status}: {text.decode(errors='replace')[:300]}")
+        try:
+            ApiClient(str(api), timeout=60).call("POST", "/api/v1/mount", {"mountpoint": "/lazy"}, {
+                "source": str(boot), "fs_type": "rafs", "config": (work / "nydusd.json").read_text()})
+        except ApiCallError as exc:
+            raise BenchError(f"POST /api/v1/mount answered {exc}") from None
         t_mounted = time.monotonic()
         t1 = first_output(["chroot", str(mnt / "lazy")] + WORKLOAD)
         if EXPLAIN:

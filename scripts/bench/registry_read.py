@@ -39,19 +39,13 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PROJECT_ROOT, BenchError, cache_root, cached_dir, drop_caches, median,  # noqa: E402
-                     prepare_tree, ratio, render_table, stop_process, unmount)
+from _common import (BenchError, PROJECT_ROOT, cache_root, cached_dir, drop_caches, free_port,  # noqa: E402
+                     median, prepare_tree, ratio, render_table, stop_process, unmount)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from nydus_vfs.builder import BuildOptions, build  # noqa: E402
 
 REPO = "bench/image"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
@@ -186,7 +180,7 @@ def main() -> int:
     image, blob_id = _image(tree)
     blob_size = (image / blob_id).stat().st_size
     work = Path(tempfile.mkdtemp(prefix="registry-bench-"))
-    port = _free_port()
+    port = free_port()
     (work / "config.yml").write_text(
         f"version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {work / 'data'}\n"
         f"http:\n  addr: 127.0.0.1:{port}\n")

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (PROJECT_ROOT, BenchError, cache_root, cached_dir, median, prepare_tree,  # noqa: E402
-                     ratio, render_table)
+from _common import (BenchError, PROJECT_ROOT, cache_root, cached_dir, free_port, median,  # noqa: E402
+                     prepare_tree, ratio, render_table)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
 from nydus_vfs.builder import BuildOptions, build  # noqa: E402
@@ -46,12 +45,6 @@ from nydus_vfs.storage import BlobLayer, CacheSpec  # noqa: E402
 from nydus_vfs.storage.backend.factory import create_backend  # noqa: E402
 
 READ = 128 << 10
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image(tree: Path) -> tuple[Path, str]:
@@ -121,7 +114,7 @@ def main() -> int:
     tree, stats, what = prepare_tree(args.tree)
     image, blob_id = _image(tree)
     blob_size = (image / blob_id).stat().st_size
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydus_backend_proxy", "--blobsdir", str(image),
                                "--port", str(port)], cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT / "src")})
