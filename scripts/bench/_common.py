@@ -426,6 +426,24 @@ def children_cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def rafs_v6_image(tree: Path) -> tuple[Path, str]:
+    """``tree`` built as one RAFS v6 image (zstd, 1 MiB chunks), cached: (its dir, the blob id).
+
+    The dir holds ``image.boot`` and the blob file named by its id; the remote
+    read benchmarks share it, so running several builds it once.
+    """
+    from nydus_vfs.builder import BuildOptions, build
+
+    def make(out: Path) -> None:
+        build(str(tree), BuildOptions(fs_version=6, bootstrap=str(out / "image.boot"), blob_dir=str(out)))
+
+    out = cached_dir(cache_root() / "images" / "v6-zstd", {"tree": str(tree), "v": 1}, make)
+    blobs = [p.name for p in out.iterdir() if p.name != "image.boot" and not p.name.startswith(".")]
+    if len(blobs) != 1:
+        raise BenchError(f"expected one blob in {out}, found {blobs}")
+    return out, blobs[0]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:

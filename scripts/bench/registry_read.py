@@ -39,11 +39,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BenchError, PROJECT_ROOT, cache_root, cached_dir, drop_caches, free_port,  # noqa: E402
-                     median, prepare_tree, ratio, render_table, stop_process, unmount)
+from _common import (BenchError, PROJECT_ROOT, drop_caches, free_port, median, prepare_tree,  # noqa: E402
+                     rafs_v6_image, ratio, render_table, stop_process, unmount)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
-from nydus_vfs.builder import BuildOptions, build  # noqa: E402
 
 REPO = "bench/image"
 
@@ -58,17 +57,6 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
         except OSError:
             time.sleep(0.05)
     raise BenchError(f"{what} did not listen on port {port}")
-
-
-def _image(tree: Path) -> tuple[Path, str]:
-    def make(out: Path) -> None:
-        build(str(tree), BuildOptions(fs_version=6, bootstrap=str(out / "image.boot"), blob_dir=str(out)))
-
-    out = cached_dir(cache_root() / "registry_read" / "image-v6-zstd", {"tree": str(tree), "v": 1}, make)
-    blobs = [p.name for p in out.iterdir() if len(p.name) == 64]
-    if len(blobs) != 1:
-        raise BenchError(f"expected one blob in {out}, found {blobs}")
-    return out, blobs[0]
 
 
 def _push(base: str, data: bytes) -> str:
@@ -177,7 +165,7 @@ def main() -> int:
     # Any tree of 64 MiB and more says what a read-all costs (the Debian root of
     # lazy_start.py, 156 MiB, is the one issue 9 names).
     tree, stats, what = prepare_tree(args.tree, min_bytes=64 << 20)
-    image, blob_id = _image(tree)
+    image, blob_id = rafs_v6_image(tree)
     blob_size = (image / blob_id).stat().st_size
     work = Path(tempfile.mkdtemp(prefix="registry-bench-"))
     port = free_port()

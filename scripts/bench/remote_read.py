@@ -34,28 +34,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (BenchError, PROJECT_ROOT, cache_root, cached_dir, free_port, median,  # noqa: E402
-                     prepare_tree, ratio, render_table)
+from _common import (BenchError, PROJECT_ROOT, free_port, median, prepare_tree, rafs_v6_image,  # noqa: E402
+                     ratio, render_table)
 
 sys.path.insert(0, str(PROJECT_ROOT / "src"))
-from nydus_vfs.builder import BuildOptions, build  # noqa: E402
 from nydus_vfs.config import parse_daemon_config  # noqa: E402
 from nydus_vfs.fs import RafsFs, load_bootstrap, prefetch_config, prefetch_rafs  # noqa: E402
 from nydus_vfs.storage import BlobLayer, CacheSpec  # noqa: E402
 from nydus_vfs.storage.backend.factory import create_backend  # noqa: E402
 
 READ = 128 << 10
-
-
-def _image(tree: Path) -> tuple[Path, str]:
-    def make(out: Path) -> None:
-        build(str(tree), BuildOptions(fs_version=6, bootstrap=str(out / "image.boot"), blob_dir=str(out)))
-
-    out = cached_dir(cache_root() / "remote_read" / "image-v6-zstd", {"tree": str(tree), "v": 1}, make)
-    blobs = [p.name for p in out.iterdir() if p.name != "image.boot" and not p.name.startswith(".")]
-    if len(blobs) != 1:
-        raise BenchError(f"expected one blob in {out}, found {blobs}")
-    return out, blobs[0]
 
 
 def _config(port: int, work: str, *, amplify: int, prefetch: bool) -> str:
@@ -112,7 +100,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     tree, stats, what = prepare_tree(args.tree)
-    image, blob_id = _image(tree)
+    image, blob_id = rafs_v6_image(tree)
     blob_size = (image / blob_id).stat().st_size
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "nydus_vfs.cli.nydus_backend_proxy", "--blobsdir", str(image),
